@@ -1,0 +1,500 @@
+"""`TrainConfig`: the one typed source of truth for a training run, built from a TOML file and CLI flags.
+
+Precedence is defaults < TOML (`--config file.toml`) < command-line flags. Flag names follow diffusers'
+training scripts; kohya sd-scripts names are accepted as aliases (`--network_dim` = `--rank`, ...). Unknown
+keys, wrong types and out-of-range values raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+
+
+class ConfigError(ValueError):
+    """A training setting is unknown, has the wrong type or an invalid value; the message names the key."""
+
+
+def _f(
+    default: Any = None, help: str = "", *, choices: tuple | None = None, aliases: tuple = (), factory=None
+):
+    meta = {"help": help, "choices": choices, "aliases": aliases}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; field names are the TOML keys and the `--flag` names."""
+
+    # --- base model ---
+    pretrained_model_name_or_path: str = _f("", "diffusers folder or hub id of the SD1.x/SD2.x base model")
+    revision: str | None = _f(None, "model revision (hub branch, tag or commit)")
+    variant: str | None = _f(None, "weight variant to load, e.g. fp16")
+    prediction_type: str | None = _f(
+        None,
+        "override the scheduler's prediction type (default: read it from the scheduler config)",
+        choices=("epsilon", "v_prediction"),
+    )
+    # --- adapter ---
+    algo: str = _f("loha", "adapter kind", choices=("loha", "lora"))
+    rank: int = _f(
+        8, "rank r of every adapted module (LoHa's effective rank is r^2)", aliases=("network_dim",)
+    )
+    alpha: float | None = _f(
+        None, "alpha; the update is scaled by alpha/rank (default: = rank)", aliases=("network_alpha",)
+    )
+    conv_rank: int | None = _f(
+        None, "rank of 3x3 conv adapters (preset 'full'; default: = rank)", aliases=("conv_dim",)
+    )
+    conv_alpha: float | None = _f(None, "alpha of 3x3 conv adapters (default: = conv_rank)")
+    use_effective_conv2d: bool = _f(
+        False,
+        "CP/Tucker decomposition for k x k convs (LyCORIS use_tucker)",
+        aliases=("use_tucker", "use_cp"),
+    )
+    rank_dropout: float = _f(0.0, "probability of dropping a row of the update while training")
+    module_dropout: float = _f(0.0, "probability of skipping a whole module's update while training")
+    preset: str = _f(
+        "attn_ff",
+        "UNet modules to adapt (ignored when target_modules is set)",
+        choices=("attn", "attn_ff", "full"),
+    )
+    target_modules: list[str] | None = _f(None, "explicit UNet module names/suffixes to adapt (PEFT rules)")
+    exclude_modules: list[str] | None = _f(None, "UNet module names/suffixes never to adapt (PEFT rules)")
+    rank_pattern: dict[str, int] = _f(help="per-module rank overrides, {name regex: rank}", factory=dict)
+    alpha_pattern: dict[str, float] = _f(help="per-module alpha overrides, {name regex: alpha}", factory=dict)
+    train_text_encoder: bool = _f(False, "also train an adapter on the text encoder")
+    text_encoder_lr: float | None = _f(
+        None, "learning rate of the text encoder adapter (default: learning_rate)"
+    )
+    # --- data ---
+    train_data_dir: str = _f(
+        "",
+        "folder of images + captions, of kohya '<N>_<concept>' folders, or an imagefolder with metadata.jsonl",
+    )
+    caption_extension: str = _f(".txt", "extension of the caption file next to each image")
+    image_column: str = _f("file_name", "metadata.jsonl key holding the image file name")
+    caption_column: str = _f("text", "metadata.jsonl key holding the caption")
+    resolution: int = _f(512, "training resolution in pixels (square, divisible by 8)")
+    center_crop: bool = _f(False, "center crop instead of random crop")
+    random_flip: bool = _f(False, "randomly flip images horizontally")
+    caption_dropout_rate: float = _f(0.0, "probability of training a sample with an empty caption")
+    on_missing_caption: str = _f(
+        "error",
+        "what to do with an image without caption: stop, skip it with a warning, or use the kohya folder's concept",
+        choices=("error", "skip", "folder_name"),
+    )
+    on_bad_image: str = _f("error", "what to do with an unreadable image", choices=("error", "skip"))
+    dataloader_num_workers: int = _f(0, "data loading worker processes")
+    # --- optimisation ---
+    train_batch_size: int = _f(1, "batch size per device")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    learning_rate: float = _f(1e-4, "learning rate of the UNet adapter")
+    lr_scheduler: str = _f("constant", "diffusers learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "warm-up optimizer steps")
+    lr_num_cycles: int = _f(1, "cycles of cosine_with_restarts")
+    lr_power: float = _f(1.0, "power of the polynomial schedule")
+    max_train_steps: int | None = _f(None, "optimizer steps to train (overrides num_train_epochs)")
+    num_train_epochs: int | None = _f(
+        None, "epochs to train when max_train_steps is not set", aliases=("max_train_epochs",)
+    )
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables clipping)")
+    mixed_precision: str | None = _f(
+        None,
+        "autocast precision; adapter weights stay fp32 (default: accelerate config)",
+        choices=("no", "fp16", "bf16"),
+    )
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet (and text encoder)")
+    enable_xformers_memory_efficient_attention: bool = _f(
+        False, "use xformers attention instead of PyTorch SDPA", aliases=("xformers",)
+    )
+    snr_gamma: float | None = _f(
+        None, "min-SNR-gamma loss weighting (5.0 is the paper's value)", aliases=("min_snr_gamma",)
+    )
+    noise_offset: float = _f(0.0, "noise offset (0.05-0.1 typical)")
+    seed: int = _f(42, "seed of everything random: shuffling, crops, noise, timesteps, dropout, init")
+    # --- outputs and checkpoints ---
+    output_dir: str = _f("outputs/loha", "where files, checkpoints and logs go")
+    output_name: str | None = _f(None, "file name stem of the exported adapter (default: the algo)")
+    save_every_n_steps: int | None = _f(None, "also export the Kohya file every N optimizer steps")
+    save_every_n_epochs: int | None = _f(None, "also export the Kohya file every N epochs")
+    save_precision: str = _f("fp16", "dtype of exported adapter files", choices=("fp32", "fp16", "bf16"))
+    save_peft_format: bool = _f(True, "also write the PEFT-format directory at the end")
+    checkpointing_steps: int | None = _f(
+        None, "save full training state (for resume) every N optimizer steps"
+    )
+    checkpoints_total_limit: int | None = _f(None, "keep at most this many training-state checkpoints")
+    resume_from_checkpoint: str | None = _f(
+        None, "'latest' or a checkpoint folder to continue from", aliases=("resume",)
+    )
+    # --- validation ---
+    validation_prompt: list[str] = _f(help="prompts rendered into the validation grid", factory=list)
+    validation_steps: int | None = _f(None, "render validation every N optimizer steps (always at the end)")
+    num_validation_images: int = _f(2, "images per validation prompt")
+    validation_num_inference_steps: int = _f(25, "sampler steps of validation images")
+    validation_guidance_scale: float = _f(7.5, "classifier-free guidance of validation images")
+    validation_resolution: int | None = _f(None, "validation image size (default: resolution)")
+    # --- logging ---
+    report_to: str = _f(
+        "tensorboard", "experiment tracker", choices=("tensorboard", "wandb", "none"), aliases=("log_with",)
+    )
+    logging_dir: str = _f("logs", "tracker folder, relative to output_dir")
+    dry_run: bool = _f(False, "print the plan (modules, parameters, file size, steps) and exit")
+
+    def validate(self) -> None:
+        """Check types, choices and ranges; raise `ConfigError` naming the first bad key."""
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(map(repr, choices))}")
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("pretrained_model_name_or_path is required (a diffusers folder or hub id)")
+        if not self.train_data_dir:
+            raise ConfigError("train_data_dir is required (a folder of images with captions)")
+        for name in (
+            "rank",
+            "resolution",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "lr_num_cycles",
+            "num_validation_images",
+            "validation_num_inference_steps",
+        ):
+            _check(name, getattr(self, name), lambda v: v >= 1, ">= 1")
+        for name in (
+            "conv_rank",
+            "max_train_steps",
+            "num_train_epochs",
+            "save_every_n_steps",
+            "save_every_n_epochs",
+            "checkpointing_steps",
+            "checkpoints_total_limit",
+            "validation_steps",
+            "validation_resolution",
+        ):
+            _check(name, getattr(self, name), lambda v: v is None or v >= 1, ">= 1 (or unset)")
+        for name in (
+            "lr_warmup_steps",
+            "dataloader_num_workers",
+            "noise_offset",
+            "max_grad_norm",
+            "adam_weight_decay",
+        ):
+            _check(name, getattr(self, name), lambda v: v >= 0, ">= 0")
+        for name in ("rank_dropout", "module_dropout", "caption_dropout_rate"):
+            _check(name, getattr(self, name), lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("adam_beta1", "adam_beta2"):
+            _check(name, getattr(self, name), lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("learning_rate", "adam_epsilon"):
+            _check(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "> 0")
+        for name in ("alpha", "conv_alpha", "text_encoder_lr", "snr_gamma"):
+            _check(
+                name,
+                getattr(self, name),
+                lambda v: v is None or (v > 0 and math.isfinite(v)),
+                "> 0 (or unset)",
+            )
+        for key, value in self.rank_pattern.items():
+            _check(f"rank_pattern[{key!r}]", value, lambda v: v >= 1, ">= 1")
+        for key, value in self.alpha_pattern.items():
+            _check(f"alpha_pattern[{key!r}]", value, lambda v: v > 0, "> 0")
+        for name in ("resolution", "validation_resolution"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ConfigError(
+                    f"{name} = {value} is not divisible by 8 (the VAE downsamples by 8); "
+                    f"use {value // 8 * 8} or {value // 8 * 8 + 8}"
+                )
+        if not self.caption_extension.startswith("."):
+            raise ConfigError(
+                f"caption_extension = {self.caption_extension!r} must start with a dot, e.g. '.txt'"
+            )
+        if self.max_train_steps is None and self.num_train_epochs is None:
+            raise ConfigError("set max_train_steps or num_train_epochs (how long to train)")
+        if self.resume_from_checkpoint == "":
+            raise ConfigError("resume_from_checkpoint is empty; use 'latest' or a checkpoint folder")
+
+    # --- derived values (one place, so the loop, the plan and the exporters agree) ---
+    @property
+    def effective_alpha(self) -> float:
+        """Alpha of the attention/linear adapters: `alpha`, or `rank` when unset (scale 1)."""
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def effective_conv_rank(self) -> int:
+        """Rank of k x k conv adapters: `conv_rank`, or `rank` when unset."""
+        return self.rank if self.conv_rank is None else self.conv_rank
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        """Alpha of k x k conv adapters: `conv_alpha`, or the conv rank when unset."""
+        return float(self.effective_conv_rank if self.conv_alpha is None else self.conv_alpha)
+
+    @property
+    def name(self) -> str:
+        """File name stem of exported adapters."""
+        return self.output_name or self.algo
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as plain Python values (a deep copy)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_toml(self) -> str:
+        """The config as a TOML document that `load_config` reads back to an equal config (unset keys omitted)."""
+        lines, tables = [], []
+        for key, value in self.to_dict().items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                if value:
+                    tables.append(
+                        f"\n[{key}]\n"
+                        + "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in value.items())
+                    )
+                continue
+            lines.append(f"{key} = {_toml_value(value)}\n")
+        return "".join(lines) + "".join(tables)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value)  # JSON scalars are valid TOML (strings are JSON-escaped, a TOML subset)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def _check(name: str, value: Any, ok, what: str) -> None:
+    if value is not None and not ok(value):
+        raise ConfigError(f"{name} = {value!r} must be {what}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check that a TOML/Python `value` fits the annotation `tp` (int -> float is the only conversion)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, str):
+            value = [value]  # `validation_prompt = "a cat"` means one prompt
+        if isinstance(value, (list, tuple)):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, value_tp = typing.get_args(tp)
+            return {str(k): _coerce(f"{key}[{k!r}]", v, value_tp) for k, v in value.items()}
+    else:
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def _parse_cli_value(key: str, text: str | list[str], tp: Any) -> Any:
+    """Turn command-line text into a value of annotation `tp`, raising `ConfigError` naming the flag."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(text, str) and text.lower() in ("none", "null"):
+            return None
+        origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if text is True:
+                return True
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        if origin is list:
+            return list(text)
+        if origin is dict:
+            # `--rank_pattern to_k=4 to_v=2` or one JSON object.
+            if len(text) == 1 and text[0].lstrip().startswith("{"):
+                raw = json.loads(text[0])
+            else:
+                raw = {}
+                for item in text:
+                    name, sep, number = item.rpartition("=")
+                    if not sep or not name:
+                        raise ValueError(f"{item!r} is not NAME=VALUE")
+                    raw[name] = float(number)
+            _, value_tp = typing.get_args(tp)
+            return {k: int(v) if value_tp is int and float(v).is_integer() else v for k, v in raw.items()}
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--{key} {text!r}: {exc}") from None
+    raise TypeError(f"unsupported annotation {tp} for {key}")
+
+
+def _field_table() -> tuple[dict[str, dataclasses.Field], dict[str, str]]:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    aliases = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}
+    return fields, aliases
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    fields, aliases = _field_table()
+    close = difflib.get_close_matches(key, list(fields) + list(aliases), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown setting {key!r} in {where}{hint}")
+
+
+def _canonical(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Map aliases to field names; reject unknown keys and a key given twice under two names."""
+    fields, aliases = _field_table()
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in raw.items():
+        if key == "v_parameterization":  # kohya's switch for v-prediction models
+            if not isinstance(value, bool):
+                raise ConfigError(f"v_parameterization = {value!r} has the wrong type: expected bool")
+            if not value:
+                continue
+            name, value = "prediction_type", "v_prediction"
+        elif key in fields:
+            name = key
+        elif key in aliases:
+            name = aliases[key]
+        else:
+            raise _unknown_key(key, where)
+        if name in out:
+            raise ConfigError(f"{key!r} and {given_as[name]!r} both set {name} in {where}; keep one")
+        out[name] = value
+        given_as[name] = key
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file as `{field name: value}` (aliases resolved, unknown keys rejected)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return _canonical(raw, str(path))
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line: `--config FILE` plus one flag (and its aliases) for every `TrainConfig` field."""
+    parser = _ArgumentParser(
+        prog="train_loha_sd.py",
+        description="Train a LoHa/LoRA adapter for Stable Diffusion 1.x/2.x. Flags override the --config TOML.",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="TOML file with any of the settings below (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        kind = typing.get_origin(tp) or tp
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        elif kind in (list, dict):
+            kwargs.update(nargs="+", metavar="NAME=VALUE" if kind is dict else "VALUE")
+        flags = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument(
+        "--v_parameterization",
+        nargs="?",
+        const=True,
+        metavar="BOOL",
+        help="kohya alias: same as --prediction_type v_prediction",
+    )
+    return parser
+
+
+def load_config(
+    argv: list[str] | None = None, *, toml_path: str | Path | None = None, **overrides: Any
+) -> TrainConfig:
+    """Build and validate a `TrainConfig` from defaults, a TOML file, command-line flags and keyword overrides.
+
+    `argv` is parsed like the script's command line (its `--config` names the TOML file); keyword overrides
+    (used by tests and Python callers) win over everything.
+    """
+    parser = build_arg_parser()
+    args = vars(parser.parse_args(argv or []))
+    config_path = args.pop("config", None) or toml_path
+    values: dict[str, Any] = read_toml(config_path) if config_path else {}
+    hints = typing.get_type_hints(TrainConfig)
+    cli: dict[str, Any] = {}
+    for key, text in args.items():
+        if key == "v_parameterization":
+            if _parse_cli_value(key, text, bool):
+                cli["prediction_type"] = "v_prediction"
+            continue
+        cli[key] = _parse_cli_value(key, text, hints[key])
+    values.update(cli)
+    values.update(_canonical(overrides, "keyword arguments"))
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
