@@ -1,0 +1,128 @@
+"""LoHa adapter (flat and CP/effective-conv2d) with the merged-weight / low-rank-bypass fast path."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..functional import loha as loha_fn
+from .base import Adapter, LayerSpec
+
+# Relative cost of one multiply-add in the thin rank-r² bypass matmuls against one in the big base-shaped
+# matmul of the merged form (thin GEMMs run below peak). Fitted with benchmarks/bench_layers.py.
+BYPASS_MAC_PENALTY = 1.3
+# Elementwise passes over an out×in tensor per training step in the merged form (rebuild, grads, add).
+MERGED_ELEMENTWISE_PASSES = 12
+
+
+class LoHaAdapter(Adapter):
+    """`ΔW = alpha/r · scale · (w1a @ w1b) ⊙ (w2a @ w2b)` on a Linear / Conv1d / Conv2d layer.
+
+    Parameter names and shapes are PEFT's and LyCORIS's (`hada_w1_a`, ...). With `use_effective_conv2d`
+    and a kernel larger than 1 the CP/Tucker form is used: `w*_a (r, out)`, `w*_b (r, in)`,
+    `hada_t* (r, r, *kernel)` (PEFT's Conv1d layout `(r, r, k, 1)`).
+    """
+
+    kind = "loha"
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        r: int,
+        alpha: float,
+        *,
+        use_effective_conv2d: bool = False,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        init_weights: bool = True,
+    ):
+        super().__init__(spec, r, alpha, rank_dropout=rank_dropout, module_dropout=module_dropout)
+        out, in_ = spec.out_features, spec.in_features
+        self.is_cp = bool(use_effective_conv2d and spec.is_conv and spec.kernel_numel > 1)
+        if self.is_cp:
+            core_kernel = spec.kernel_size if spec.op == "conv2d" else (*spec.kernel_size, 1)
+            shapes = {"w_a": (r, out), "w_b": (r, in_), "t": (r, r, *core_kernel)}
+        else:
+            shapes = {"w_a": (out, r), "w_b": (r, in_ * spec.kernel_numel)}
+        self.hada_w1_a = nn.Parameter(torch.empty(shapes["w_a"]))
+        self.hada_w1_b = nn.Parameter(torch.empty(shapes["w_b"]))
+        self.hada_w2_a = nn.Parameter(torch.empty(shapes["w_a"]))
+        self.hada_w2_b = nn.Parameter(torch.empty(shapes["w_b"]))
+        if self.is_cp:
+            self.hada_t1 = nn.Parameter(torch.empty(shapes["t"]))
+            self.hada_t2 = nn.Parameter(torch.empty(shapes["t"]))
+        else:
+            self.hada_t1 = self.hada_t2 = None
+        self.reset_parameters(init_weights)
+
+    def reset_parameters(self, init_weights: bool = True) -> None:
+        """PEFT's init: He-uniform everywhere and `hada_w2_b = 0` (identity at start) unless `init_weights=False`."""
+        for name, tensor in self.state_tensors().items():
+            if init_weights and name == "hada_w2_b":
+                nn.init.zeros_(tensor)
+            else:
+                nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        names = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+        if self.is_cp:
+            names += ["hada_t1", "hada_t2"]
+        return {n: getattr(self, n) for n in names}
+
+    def _factors(self) -> tuple[torch.Tensor, ...]:
+        return self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.hada_t1, self.hada_t2
+
+    def delta_weight(self) -> torch.Tensor:
+        w1a, w1b, w2a, w2b, t1, t2 = self._factors()
+        delta = loha_fn.delta_weight(w1a, w1b, w2a, w2b, t1, t2, scale=self.scaling)
+        return delta.reshape(self.spec.weight_shape)
+
+    # -- fast path ---------------------------------------------------------------------------------
+
+    def bypass_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Cost model in multiply-adds: the merged form pays a base-sized weight-gradient matmul plus the
+        rebuild; the bypass pays rank-r² matmuls proportional to the number of positions."""
+        spec = self.spec
+        if spec.groups != 1 or not spec.zero_padding:
+            return False
+        positions = spec.positions(x)
+        out, in_, k, r2 = spec.out_features, spec.in_features, spec.kernel_numel, self.r * self.r
+        full = out * in_ * k
+        if self.is_cp:
+            in_positions = x.numel() // max(x.shape[1], 1)
+            bypass = in_positions * r2 * in_ + positions * r2 * (r2 * k + out)
+        else:
+            bypass = positions * r2 * (in_ * k + out)
+        bypass *= BYPASS_MAC_PENALTY
+        if torch.is_grad_enabled() and self.hada_w1_a.requires_grad:
+            return 3 * bypass < positions * full + (8 * self.r + MERGED_ELEMENTWISE_PASSES) * full
+        return bypass < (2 * self.r + 3) * full
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """Δ(x) as a rank-r² product: `s · (x Qᵀ) Pᵀ` (convs: k×k conv with Q, [CP: 1×1 Q, k×k T], 1×1 P)."""
+        spec = self.spec
+        p, q, core = loha_fn.bypass_factors(*self._factors())
+        p = p * self.scaling
+        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else p.dtype
+        p, q = p.to(dtype), q.to(dtype)
+        if spec.op == "linear":
+            return F.linear(F.linear(x, q), p)
+        conv = F.conv2d if spec.op == "conv2d" else F.conv1d
+        pointwise = (1,) * len(spec.kernel_size)
+        if core is None:
+            hidden = conv(
+                x,
+                q.reshape(q.shape[0], spec.in_features, *spec.kernel_size),
+                None,
+                spec.stride,
+                spec.padding,
+                spec.dilation,
+            )
+        else:
+            core = core.reshape(core.shape[0], core.shape[1], *spec.kernel_size).to(dtype)
+            hidden = conv(x, q.reshape(*q.shape, *pointwise))
+            hidden = conv(hidden, core, None, spec.stride, spec.padding, spec.dilation)
+        return conv(hidden, p.reshape(*p.shape, *pointwise))

@@ -1,0 +1,163 @@
+"""`AdapterLayer`: wraps one Linear/Conv1d/Conv2d (`base_layer`) and applies its named adapters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters.base import Adapter, LayerSpec
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base layer plus named adapters, one class for Linear, Conv1d and Conv2d.
+
+    Forward picks, per adapter and call, the cheaper exact form: the base op with a merged weight
+    `op(x, W0 + ΔW)`, or `base(x) + bypass(x)` (a low-rank form that never builds ΔW). Merged adapters
+    (`merge`) are baked into `base_layer.weight`; an exact copy of the original weight is kept so `unmerge`
+    restores it bit for bit.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.spec = LayerSpec.from_module(base_layer)
+        if not self.spec.zero_padding:
+            raise TypeError(
+                f"Adapters support convs with padding_mode='zeros' only, not {base_layer.padding_mode!r}; "
+                "exclude this module."
+            )
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.adapters_enabled = True
+        self.merged_adapters: list[str] = []
+        self.register_buffer("original_weight", None, persistent=False)
+
+    # Code that inspects the wrapped layer (`.weight.dtype`, `.in_features`, ...) keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # -- adapters ----------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, adapter: Adapter, active: bool = True) -> None:
+        """Attach `adapter` under `name`, on the base weight's device (its dtype is kept: fp32 factors)."""
+        if name in self.adapters:
+            raise ValueError(
+                f"Adapter {name!r} already exists on this layer; delete it first or pick another name."
+            )
+        if adapter.spec.weight_shape != self.spec.weight_shape or adapter.spec.op != self.spec.op:
+            raise ValueError(
+                f"Adapter {name!r} was built for a {adapter.spec.op} weight {adapter.spec.weight_shape}, "
+                f"but this layer is a {self.spec.op} with weight {self.spec.weight_shape}."
+            )
+        self.adapters[name] = adapter.to(self.base_layer.weight.device)
+        if active and name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (unmerging first if it is merged)."""
+        if name in self.merged_adapters:
+            self.unmerge()
+        del self.adapters[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    # -- merge -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Bake adapters `names` (default: the active ones) into the base weight.
+
+        The new weight is computed from the kept original in fp32, so merging more adapters later never
+        accumulates rounding."""
+        names = list(self.active_adapters if names is None else names)
+        for name in names:
+            if name not in self.adapters:
+                raise KeyError(f"No adapter {name!r} on this layer; have {list(self.adapters)}.")
+        merged = self.merged_adapters + [n for n in names if n not in self.merged_adapters]
+        if not merged:
+            return
+        weight = self.base_layer.weight
+        if self.original_weight is None:
+            self.original_weight = weight.detach().clone()
+        total = self.original_weight.float()
+        for name in merged:
+            total = total + self.adapters[name].delta_weight().float().to(total.device)
+        weight.copy_(total.to(weight.dtype))
+        self.merged_adapters = merged
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original base weight exactly."""
+        if self.original_weight is not None:
+            self.base_layer.weight.copy_(self.original_weight)
+        self.original_weight = None
+        self.merged_adapters = []
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def _running_adapters(self) -> list[Adapter]:
+        running = []
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            adapter = self.adapters[name]
+            # PEFT's module dropout: skip the whole adapter for this call, training mode only.
+            if self.training and adapter.module_dropout > 0 and torch.rand(1).item() < adapter.module_dropout:
+                continue
+            running.append(adapter)
+        return running
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.adapters_enabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        running = self._running_adapters()
+        if not running:
+            return self.base_layer(x, *args, **kwargs)
+
+        merged_delta = None
+        bypassed = []
+        for adapter in running:
+            mask = None
+            if self.training and adapter.rank_dropout > 0:
+                mask = adapter.rank_dropout_mask(x.device, torch.float32)
+            if adapter.bypass_is_cheaper(x):
+                bypassed.append((adapter, mask))
+                continue
+            delta = adapter.delta_weight()
+            if mask is not None:
+                delta = delta * mask.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
+            merged_delta = delta if merged_delta is None else merged_delta + delta
+
+        if merged_delta is None:
+            out = self.base_layer(x, *args, **kwargs)
+        else:
+            weight = self.base_layer.weight
+            out = self.spec.apply(x, weight + merged_delta.to(weight.dtype), self.base_layer.bias)
+        for adapter, mask in bypassed:
+            delta_out = adapter.bypass(x)
+            if mask is not None:
+                shape = [1] * delta_out.dim()
+                shape[self.spec.channel_dim] = -1
+                delta_out = delta_out * mask.to(delta_out.dtype).view(shape)
+            out = out + delta_out.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"active={self.active_adapters}, merged={self.merged_adapters}, enabled={self.adapters_enabled}"
+        )

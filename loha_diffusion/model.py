@@ -1,0 +1,366 @@
+"""Put adapters into a model and manage them: injection, state dicts, scales, merge/unmerge, unload."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, LayerSpec, LoHaAdapter, LoRAAdapter
+from .config import AdapterConfig, LoHaConfig, LoRAConfig
+from .layers import AdapterLayer
+from .targeting import find_target_modules
+
+ADAPTER_CLASSES: dict[str, type[Adapter]] = {"loha": LoHaAdapter, "lora": LoRAAdapter}
+MODULES_TO_SAVE_KEY = "modules_to_save"
+
+
+class TrainableCopy(nn.Module):
+    """PEFT's `ModulesToSaveWrapper`: keeps the original module frozen and trains a copy per adapter."""
+
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.adapters_enabled = True
+
+    def add_adapter(self, name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        copy_.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+        self.active_adapter = name
+
+    def forward(self, *args, **kwargs):
+        if not self.adapters_enabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every `AdapterLayer` of `model`, keyed by the path of the module it wraps."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def _trainable_copies(model: nn.Module) -> dict[str, TrainableCopy]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TrainableCopy)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters present anywhere in `model`, in order of first appearance."""
+    names: list[str] = []
+    for layer in adapter_layers(model).values():
+        names += [n for n in layer.adapters if n not in names]
+    for wrapper in _trainable_copies(model).values():
+        names += [n for n in wrapper.modules_to_save if n not in names]
+    return names
+
+
+def add_adapter(model: nn.Module, module_name: str, adapter_name: str, adapter: Adapter) -> AdapterLayer:
+    """Attach a ready `adapter` to the module at `module_name`, wrapping it in an `AdapterLayer` if needed."""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} has no module {module_name!r}.") from None
+    if not isinstance(module, AdapterLayer):
+        module = AdapterLayer(module)
+        _set_module(model, module_name, module)
+    module.add_adapter(adapter_name, adapter)
+    return module
+
+
+def build_adapter(config: AdapterConfig, module: nn.Module, module_name: str) -> Adapter:
+    """The adapter `config` asks for on `module` (rank and alpha resolved through the patterns)."""
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    adapter_cls = ADAPTER_CLASSES[config.kind]
+    adapter = adapter_cls(
+        LayerSpec.from_module(base),
+        config.rank_for(module_name),
+        config.alpha_for(module_name),
+        use_effective_conv2d=config.use_effective_conv2d,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+        init_weights=config.init_weights,
+    )
+    return adapter.to(base.weight.device)
+
+
+def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Add adapter `adapter_name` described by `config` to `model` in place, and return `model`.
+
+    Matched modules are wrapped in `AdapterLayer`s (a module already wrapped gets one more adapter); the
+    base model is frozen and only the new adapter's factors (and `modules_to_save` copies) are trainable.
+    All checks run before the model is changed."""
+    if not isinstance(config, (LoHaConfig, LoRAConfig)):
+        raise TypeError(f"config must be a LoHaConfig or LoRAConfig, got {type(config).__name__}.")
+    if adapter_name in adapter_names(model):
+        raise ValueError(
+            f"The model already has an adapter named {adapter_name!r}; pick another adapter_name."
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
+        raise ValueError(f"adapter_name {adapter_name!r} may only contain letters, digits, '_' and '-'.")
+    targets = find_target_modules(model, config)
+    save_targets = _modules_to_save_targets(model, config)
+    adapters = {name: build_adapter(config, model.get_submodule(name), name) for name in targets}
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, adapter in adapters.items():
+        add_adapter(model, name, adapter_name, adapter)
+    for name in save_targets:
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, TrainableCopy):
+            wrapper = TrainableCopy(wrapper)
+            _set_module(model, name, wrapper)
+        wrapper.add_adapter(adapter_name)
+    if not hasattr(model, "adapter_configs"):
+        model.adapter_configs = {}
+    model.adapter_configs[adapter_name] = config
+    return model
+
+
+def _modules_to_save_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n]
+    found = [n for n in names if any(n == m or n.endswith("." + m) for m in config.modules_to_save)]
+    missing = [m for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in found)]
+    if missing:
+        raise ValueError(f"modules_to_save entries match no module of {type(model).__name__}: {missing}.")
+    return found
+
+
+def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of adapter `adapter_name`, keyed `<module path>.<tensor name>` as PEFT's
+    `get_peft_model_state_dict` keys them (e.g. `...attn1.to_q.hada_w1_a`)."""
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in adapter_layers(model).items():
+        if adapter_name in layer.adapters:
+            for tensor_name, tensor in layer.adapters[adapter_name].state_tensors().items():
+                state[f"{path}.{tensor_name}"] = tensor.detach()
+    for path, wrapper in _trainable_copies(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                state[f"{path}.{MODULES_TO_SAVE_KEY}.{adapter_name}.{key}"] = tensor.detach()
+    if not state:
+        raise KeyError(f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}.")
+    return state
+
+
+def set_adapter_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """Load `state_dict` (keys as `get_adapter_state_dict` gives them) into adapter `adapter_name`.
+
+    Strict: missing keys, unknown keys and wrong shapes raise one `ValueError` listing them, before any
+    tensor is copied."""
+    own = get_adapter_state_dict(model, adapter_name)
+    missing = sorted(set(own) - set(state_dict))
+    unknown = sorted(set(state_dict) - set(own))
+    wrong = [
+        f"{k}: model {tuple(own[k].shape)} vs given {tuple(state_dict[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
+    ]
+    if missing or unknown or wrong:
+        lines = [f"Cannot load adapter {adapter_name!r}:"]
+        for label, items in (
+            ("missing keys", missing),
+            ("unknown keys", unknown),
+            ("shape mismatches", wrong),
+        ):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                lines.append(f"  {len(items)} {label}: {', '.join(items[:5])}{more}")
+        raise ValueError("\n".join(lines))
+    with torch.no_grad():
+        for path, layer in adapter_layers(model).items():
+            if adapter_name in layer.adapters:
+                adapter = layer.adapters[adapter_name]
+                adapter.load_state_tensors({t: state_dict[f"{path}.{t}"] for t in adapter.state_tensors()})
+        for path, wrapper in _trainable_copies(model).items():
+            if adapter_name in wrapper.modules_to_save:
+                prefix = f"{path}.{MODULES_TO_SAVE_KEY}.{adapter_name}."
+                module = wrapper.modules_to_save[adapter_name]
+                module.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                )
+
+
+def _require_adapter(model: nn.Module, adapter_name: str) -> None:
+    if adapter_name not in adapter_names(model):
+        raise KeyError(f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}.")
+
+
+def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
+    """Multiply adapter `adapter_name`'s delta by `scale` (1.0 = as trained; PEFT's `set_scale`)."""
+    _require_adapter(model, adapter_name)
+    for layer in adapter_layers(model).values():
+        if adapter_name in layer.adapters:
+            if adapter_name in layer.merged_adapters:
+                raise RuntimeError(
+                    f"Adapter {adapter_name!r} is merged; unmerge it before changing its scale."
+                )
+            layer.adapters[adapter_name].scale = float(scale)
+
+
+def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
+    """Make exactly `names` the adapters that run in forward (the others stay loaded)."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        _require_adapter(model, name)
+    for layer in adapter_layers(model).values():
+        layer.active_adapters = [n for n in names if n in layer.adapters]
+    for wrapper in _trainable_copies(model).values():
+        wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
+
+
+def _set_enabled(model: nn.Module, enabled: bool) -> None:
+    for module in [*adapter_layers(model).values(), *_trainable_copies(model).values()]:
+        module.adapters_enabled = enabled
+
+
+def enable_adapters(model: nn.Module) -> None:
+    """Run the active adapters again after `disable_adapters`."""
+    _set_enabled(model, True)
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Run the base model only (merged adapters are unmerged on the next forward, as in PEFT)."""
+    _set_enabled(model, False)
+
+
+def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Bake adapters (default: the active ones) into the base weights; `unmerge_adapters` undoes it exactly."""
+    for name in adapter_names or []:
+        _require_adapter(model, name)
+    for layer in adapter_layers(model).values():
+        names = None if adapter_names is None else [n for n in adapter_names if n in layer.adapters]
+        layer.merge(names)
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Restore every merged base weight to its exact original."""
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter `adapter_name`; layers left without adapters go back to their plain base module."""
+    _require_adapter(model, adapter_name)
+    for path, layer in adapter_layers(model).items():
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+            if not layer.adapters:
+                layer.unmerge()
+                _set_module(model, path, layer.base_layer)
+    for path, wrapper in _trainable_copies(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
+            if not wrapper.modules_to_save:
+                _set_module(model, path, wrapper.original_module)
+            elif wrapper.active_adapter == adapter_name:
+                wrapper.active_adapter = next(iter(wrapper.modules_to_save))
+    getattr(model, "adapter_configs", {}).pop(adapter_name, None)
+
+
+def _replace_with_base(model: nn.Module, merge: bool) -> nn.Module:
+    for path, layer in adapter_layers(model).items():
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _set_module(model, path, layer.base_layer)
+    for path, wrapper in _trainable_copies(model).items():
+        keep = wrapper.modules_to_save[wrapper.active_adapter] if merge and wrapper.active_adapter else None
+        _set_module(model, path, keep if keep is not None else wrapper.original_module)
+    if hasattr(model, "adapter_configs"):
+        del model.adapter_configs
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Bake the active adapters into the weights and return the plain model (no adapter layers left)."""
+    return _replace_with_base(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and return the plain model with its original weights."""
+    return _replace_with_base(model, merge=False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """`(trainable, total)` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+class LoHaModel(nn.Module):
+    """A model with an adapter injected, with PEFT-like methods: `print_trainable_parameters`,
+    `merge_and_unload`, `unload`, `get_adapter_state_dict`, `set_adapter_scale`, ...
+
+    `LoHaModel(model, config, adapter_name="default")` injects into `model` in place; `.model` is it.
+    The config may be a `LoHaConfig` or a `LoRAConfig`."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"):
+        super().__init__()
+        self.model = inject_adapter(model, config, adapter_name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def adapter_configs(self) -> dict[str, AdapterConfig]:
+        return self.model.adapter_configs
+
+    def add_adapter(self, config: AdapterConfig, adapter_name: str) -> None:
+        inject_adapter(self.model, config, adapter_name)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = count_parameters(self.model)
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        return get_adapter_state_dict(self.model, adapter_name)
+
+    def set_adapter_state_dict(
+        self, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+    ) -> None:
+        set_adapter_state_dict(self.model, state_dict, adapter_name)
+
+    def set_adapter_scale(self, adapter_name: str, scale: float) -> None:
+        set_adapter_scale(self.model, adapter_name, scale)
+
+    def set_adapter(self, names: list[str] | str) -> None:
+        set_active_adapters(self.model, names)
+
+    def enable_adapters(self) -> None:
+        enable_adapters(self.model)
+
+    def disable_adapters(self) -> None:
+        disable_adapters(self.model)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        merge_adapters(self.model, adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        unmerge_adapters(self.model)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        delete_adapter(self.model, adapter_name)
+
+    def merge_and_unload(self) -> nn.Module:
+        return merge_and_unload(self.model)
+
+    def unload(self) -> nn.Module:
+        return unload(self.model)
