@@ -1,0 +1,127 @@
+"""The diffusion training objective: latents, noise, timesteps, the scheduler's target, min-SNR-γ, the loss.
+
+Randomness is per sample: every sample carries a seed (see `data.py`), and its VAE sample, timestep, noise and
+noise offset come from a generator seeded from it. A sample's loss therefore does not depend on which batch or
+process it is in, which makes resume exact and multi-process runs equal to single-process ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from any mix of ints and strings (same value on every machine and process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _seed_list(seeds: torch.Tensor | Sequence[int]) -> list[int]:
+    return [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
+
+
+def resolve_prediction_type(scheduler, override: str | None = None) -> str:
+    """The target the UNet predicts: `override` if given, else the scheduler config's `prediction_type`."""
+    prediction_type = override or scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type {prediction_type!r} is not supported for training; use one of {PREDICTION_TYPES}"
+        )
+    return prediction_type
+
+
+@torch.no_grad()
+def encode_latents(vae, pixel_values: torch.Tensor, seeds: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """VAE latents of `pixel_values` (in [-1, 1]), sampled with one generator per sample, times the scaling factor."""
+    generators = [torch.Generator().manual_seed(derive_seed(s, "vae")) for s in _seed_list(seeds)]
+    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    latents = vae.encode(pixel_values).latent_dist.sample(generator=generators)
+    return latents * vae.config.scaling_factor
+
+
+def sample_noise_and_timesteps(
+    latents: torch.Tensor,
+    seeds: torch.Tensor | Sequence[int],
+    num_train_timesteps: int,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample Gaussian noise shaped like `latents` and integer timesteps in [0, num_train_timesteps).
+
+    Noise offset adds `noise_offset * n` with one `n ~ N(0, 1)` per sample and channel (Guttenberg's trick,
+    as in diffusers), which lets the model learn overall brightness.
+    """
+    noises, timesteps = [], []
+    channels = latents.shape[1]
+    for seed in _seed_list(seeds):
+        generator = torch.Generator().manual_seed(derive_seed(seed, "noise"))
+        timesteps.append(torch.randint(0, num_train_timesteps, (), generator=generator))
+        noise = torch.randn(latents.shape[1:], generator=generator)
+        offset = torch.randn((channels,) + (1,) * (latents.dim() - 2), generator=generator)
+        if noise_offset:
+            noise = noise + noise_offset * offset
+        noises.append(noise)
+    noise = torch.stack(noises).to(device=latents.device, dtype=latents.dtype)
+    return noise, torch.stack(timesteps).to(device=latents.device, dtype=torch.long)
+
+
+def prediction_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the UNet should output: the noise (epsilon) or the velocity `sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0`."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+
+
+def snr_loss_weights(
+    scheduler, timesteps: torch.Tensor, snr_gamma: float | None, prediction_type: str
+) -> torch.Tensor | None:
+    """Per-sample min-SNR-γ weights (Hang et al. 2023) as in diffusers' scripts; None when `snr_gamma` is unset.
+
+    Epsilon: `min(SNR, γ) / SNR`; v-prediction: `min(SNR, γ) / (SNR + 1)`.
+    """
+    if snr_gamma is None:
+        return None
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma)
+    if prediction_type == "epsilon":
+        return weights / snr
+    return weights / (snr + 1)
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample MSE (in fp32) times optional per-sample weights, averaged over the batch."""
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights.float()
+    return per_sample.mean()
+
+
+def denoising_loss(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    prediction_type: str,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The training loss for given latents, text states, noise and timesteps (one forward of `unet`)."""
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
+    weights = snr_loss_weights(scheduler, timesteps, snr_gamma, prediction_type)
+    return diffusion_loss(model_pred, target, weights)

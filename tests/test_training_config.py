@@ -1,0 +1,135 @@
+"""TrainConfig: TOML + flags merging, kohya aliases, typed errors naming the key, TOML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from loha_diffusion.training.config import ConfigError, TrainConfig, load_config
+
+REQUIRED = ["--pretrained_model_name_or_path", "model", "--train_data_dir", "data", "--max_train_steps", "10"]
+
+
+def write_toml(tmp_path, text: str):
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_flags():
+    cfg = load_config(REQUIRED + ["--rank", "4", "--learning_rate", "3e-4", "--gradient_checkpointing"])
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.rank, cfg.learning_rate, cfg.gradient_checkpointing) == (4, 3e-4, True)
+    assert cfg.algo == "loha" and cfg.effective_alpha == 4.0 and cfg.effective_conv_rank == 4
+    assert cfg.name == "loha"
+
+
+def test_flags_override_toml(tmp_path):
+    path = write_toml(
+        tmp_path,
+        'pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\nmax_train_steps = 5\n'
+        'rank = 16\nrandom_flip = true\nvalidation_prompt = ["a", "b"]\n[rank_pattern]\n"to_k" = 2\n',
+    )
+    cfg = load_config(["--config", str(path), "--rank", "2", "--random_flip", "false"])
+    assert cfg.rank == 2 and cfg.random_flip is False
+    assert (
+        cfg.max_train_steps == 5 and cfg.validation_prompt == ["a", "b"] and cfg.rank_pattern == {"to_k": 2}
+    )
+
+
+def test_kohya_aliases(tmp_path):
+    cfg = load_config(
+        REQUIRED
+        + ["--network_dim", "4", "--network_alpha", "2", "--conv_dim", "2", "--conv_alpha", "1"]
+        + [
+            "--min_snr_gamma",
+            "5",
+            "--max_train_epochs",
+            "3",
+            "--v_parameterization",
+            "--use_tucker",
+            "--xformers",
+        ]
+    )
+    assert (cfg.rank, cfg.alpha, cfg.conv_rank, cfg.conv_alpha, cfg.snr_gamma) == (4, 2.0, 2, 1.0, 5.0)
+    assert cfg.num_train_epochs == 3 and cfg.prediction_type == "v_prediction"
+    assert cfg.use_effective_conv2d and cfg.enable_xformers_memory_efficient_attention
+    path = write_toml(
+        tmp_path, 'pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\nnetwork_dim = 4\n'
+    )
+    assert load_config(["--config", str(path), "--max_train_steps", "1"]).rank == 4
+
+
+@pytest.mark.parametrize(
+    "toml, key",
+    [
+        ("rnak = 4", "rnak"),
+        ('rank = "four"', "rank"),
+        ("rank = 0", "rank"),
+        ("resolution = 500", "resolution"),
+        ("learning_rate = -1.0", "learning_rate"),
+        ('algo = "lokr"', "algo"),
+        ("random_flip = 1", "random_flip"),
+        ("caption_dropout_rate = 1.5", "caption_dropout_rate"),
+        ('[rank_pattern]\n"to_k" = 0', "rank_pattern"),
+        ("rank = 4\nnetwork_dim = 8", "rank"),
+    ],
+)
+def test_bad_toml_names_the_key(tmp_path, toml, key):
+    path = write_toml(
+        tmp_path, 'pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\nmax_train_steps = 1\n' + toml
+    )
+    with pytest.raises(ConfigError, match=key):
+        load_config(["--config", str(path)])
+
+
+def test_unknown_key_suggests_a_name(tmp_path):
+    path = write_toml(tmp_path, "learnig_rate = 1e-4")
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "flags, key",
+    [
+        (["--rank", "x"], "rank"),
+        (["--nosuchflag", "1"], "nosuchflag"),
+        (["--mixed_precision", "fp8"], "mixed_precision"),
+        (["--rank_pattern", "to_k"], "rank_pattern"),
+        (["--gradient_checkpointing", "maybe"], "gradient_checkpointing"),
+    ],
+)
+def test_bad_flags_name_the_flag(flags, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(REQUIRED + flags)
+
+
+def test_missing_required_settings():
+    with pytest.raises(ConfigError, match="pretrained_model_name_or_path"):
+        load_config(["--train_data_dir", "d", "--max_train_steps", "1"])
+    with pytest.raises(ConfigError, match="max_train_steps or num_train_epochs"):
+        load_config(["--pretrained_model_name_or_path", "m", "--train_data_dir", "d"])
+    with pytest.raises(ConfigError, match="config file"):
+        load_config(["--config", "/nonexistent/train.toml"])
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config(
+        REQUIRED
+        + [
+            "--alpha_pattern",
+            "to_k=0.5",
+            "--validation_prompt",
+            'a "quoted" cat',
+            "--target_modules",
+            "to_q",
+            "to_v",
+        ]
+    )
+    path = tmp_path / "again.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(["--config", str(path)]) == cfg
+
+
+def test_keyword_overrides_win(tmp_path):
+    cfg = load_config(REQUIRED + ["--rank", "4"], rank=2, network_alpha=1)
+    assert cfg.rank == 2 and cfg.alpha == 1.0
