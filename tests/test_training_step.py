@@ -62,11 +62,11 @@ def test_targets(scheduler):
 
 def test_prediction_type_from_scheduler(scheduler):
     assert resolve_prediction_type(scheduler) == "epsilon"
-    v_sched = DDPMScheduler.from_config({**scheduler.config, "prediction_type": "v_prediction"})
+    v_sched = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
     assert resolve_prediction_type(v_sched) == "v_prediction"
     assert resolve_prediction_type(scheduler, "v_prediction") == "v_prediction"
     with pytest.raises(ValueError, match="sample"):
-        resolve_prediction_type(DDPMScheduler.from_config({**scheduler.config, "prediction_type": "sample"}))
+        resolve_prediction_type(DDPMScheduler.from_config(scheduler.config, prediction_type="sample"))
 
 
 def test_min_snr_weights(scheduler):
