@@ -90,7 +90,9 @@ def build_adapter(config: AdapterConfig, module: nn.Module, module_name: str) ->
         module_dropout=config.module_dropout,
         init_weights=config.init_weights,
     )
-    return adapter.to(base.weight.device)
+    # Factors train in fp32 whatever the base precision (mixed precision), but keep a float64 base's precision.
+    dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+    return adapter.to(device=base.weight.device, dtype=dtype)
 
 
 def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> nn.Module:
