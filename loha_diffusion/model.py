@@ -14,7 +14,6 @@ from .layers import AdapterLayer
 from .targeting import find_target_modules
 
 ADAPTER_CLASSES: dict[str, type[Adapter]] = {"loha": LoHaAdapter, "lora": LoRAAdapter}
-MODULES_TO_SAVE_KEY = "modules_to_save"
 
 
 class TrainableCopy(nn.Module):
@@ -151,7 +150,8 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> d
     for path, wrapper in _trainable_copies(model).items():
         if adapter_name in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
-                state[f"{path}.{MODULES_TO_SAVE_KEY}.{adapter_name}.{key}"] = tensor.detach()
+                # PEFT saves the trainable copy under the wrapped module's own path (`head.weight`).
+                state[f"{path}.{key}"] = tensor.detach()
     if not state:
         raise KeyError(f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}.")
     return state
@@ -190,7 +190,7 @@ def set_adapter_state_dict(
                 adapter.load_state_tensors({t: state_dict[f"{path}.{t}"] for t in adapter.state_tensors()})
         for path, wrapper in _trainable_copies(model).items():
             if adapter_name in wrapper.modules_to_save:
-                prefix = f"{path}.{MODULES_TO_SAVE_KEY}.{adapter_name}."
+                prefix = f"{path}."
                 module = wrapper.modules_to_save[adapter_name]
                 module.load_state_dict(
                     {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
