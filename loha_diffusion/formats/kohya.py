@@ -397,26 +397,35 @@ def _te_prefixes(
 
 
 @dataclass
-class _Target:
-    component: str  # "unet" | "text_encoder" | "text_encoder_2"
+class ModuleTarget:
+    """Where a Kohya module name lands: the component ("unet", "text_encoder", "text_encoder_2"), the module
+    path in it, the Linear/Conv layer, and the naming style the name uses ("diffusers", "ldm", "lycoris" for
+    UNet names; "te" for portable `text_model_` names, "te_raw" for raw module paths)."""
+
+    component: str
     path: str
     layer: nn.Module
+    style: str
 
 
-def _name_map(
-    unet: nn.Module | None, text_encoder: nn.Module | None, text_encoder_2: nn.Module | None
-) -> tuple[dict[str, _Target], dict[str, str]]:
-    """Every name a file may use for a module of the given models -> that module; plus name -> naming style
-    ("diffusers", "ldm", "lycoris", "te", "te_raw") for reporting."""
-    names: dict[str, _Target] = {}
-    style: dict[str, str] = {}
+def kohya_name_map(
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+) -> dict[str, ModuleTarget]:
+    """Every Kohya module name a file may use for a layer of the given models -> that layer.
+
+    UNet: `lora_unet_` + diffusers path, `lora_unet_` + LDM path, `lycoris_` + diffusers path. Text encoders:
+    `lora_te_`/`lora_te1_` (first) and `lora_te2_` (second; with two encoders `lora_te_` also means the first,
+    as in ComfyUI), each with the portable `text_model_...` name and the raw module path."""
+    unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
+    names: dict[str, ModuleTarget] = {}
     if unet is not None:
         layout = _unet_layout(unet)
         for path, layer in layer_modules(unet).items():
             candidates = naming.unet_name_candidates(path, layout)
-            for name, kind in zip(candidates, ("diffusers", "lycoris", "ldm")):
-                names[name] = _Target("unet", path, layer)
-                style[name] = kind
+            for name, style in zip(candidates, ("diffusers", "lycoris", "ldm")):
+                names[name] = ModuleTarget("unet", path, layer, style)
     two = text_encoder_2 is not None
     te_sets = [
         (
@@ -431,14 +440,13 @@ def _name_map(
             continue
         for path, layer in layer_modules(model).items():
             for prefix in prefixes:
-                portable = naming.text_encoder_kohya_name(path, prefix)
-                names[portable] = _Target(component, path, layer)
-                style[portable] = "te"
-                raw = naming.to_kohya(prefix, path)
-                if raw not in names:
-                    names[raw] = _Target(component, path, layer)
-                    style[raw] = "te_raw"
-    return names, style
+                names[naming.text_encoder_kohya_name(path, prefix)] = ModuleTarget(
+                    component, path, layer, "te"
+                )
+                names.setdefault(
+                    naming.to_kohya(prefix, path), ModuleTarget(component, path, layer, "te_raw")
+                )
+    return names
 
 
 def _format_problems(title: str, groups: list[tuple[str, list[str]]], hints: list[str] = ()) -> str:
@@ -504,7 +512,7 @@ def load_kohya(
             f"Adapter name {adapter_name!r} is already used on {taken}; pick another adapter_name."
         )
 
-    names, style = _name_map(unet, text_encoder, text_encoder_2)
+    names = kohya_name_map(unet, text_encoder, text_encoder_2)
     bad_modules = [f"{m.name}: {p}" for m in kfile.modules.values() for p in m.problems]
     unmatched, shape_errors, duplicates = [], [], []
     built: dict[tuple[str, str], Adapter] = {}
@@ -545,7 +553,7 @@ def load_kohya(
             )
         )
 
-    _warn_on_load(kfile, names, style, unet)
+    _warn_on_load(kfile, names, unet)
     for (component, path_), adapter in built.items():
         adapter.scale = float(scale)
         add_adapter(given[component], path_, adapter_name, adapter)
@@ -581,9 +589,7 @@ def _mismatch_hints(
     return hints
 
 
-def _warn_on_load(
-    kfile: KohyaFile, names: dict[str, _Target], style: dict[str, str], unet: nn.Module | None
-) -> None:
+def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Module | None) -> None:
     """Report what loads here but would not load (the same way) in ComfyUI/A1111 (kohya-format.md section 9)."""
     no_alpha = [n for n, m in kfile.modules.items() if m.alpha is None and m.kind != "lokr"]
     if no_alpha:
@@ -601,7 +607,7 @@ def _warn_on_load(
             UserWarning,
             stacklevel=3,
         )
-    raw_te = [n for n in kfile.modules if style.get(n) == "te_raw"]
+    raw_te = [n for n in kfile.modules if names[n].style == "te_raw"]
     if raw_te:
         warnings.warn(
             f"{len(raw_te)} text-encoder modules use names without 'text_model_' (e.g. {raw_te[0]}), as LyCORIS/PEFT "
@@ -622,7 +628,8 @@ def _warn_on_load(
         a1111_drops = [
             n
             for n in module_names
-            if style.get(n) == "diffusers" and ("up_blocks_0_upsamplers_0_conv" in n or "add_embedding" in n)
+            if names[n].style == "diffusers"
+            and ("up_blocks_0_upsamplers_0_conv" in n or "add_embedding" in n)
         ]
         if a1111_drops:
             warnings.warn(
