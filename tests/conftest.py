@@ -6,11 +6,19 @@ Saved pipeline folders are session-scoped; tests must treat them as read-only.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from loha_diffusion import tiny
+
+# The test models are tiny: intra-op threads buy nothing, and on a small shared machine (several test runs at
+# once) spinning OpenMP threads made a 2-step pipeline run take 27 s instead of 0.5 s. Set OMP_NUM_THREADS to
+# choose another count.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -59,3 +67,165 @@ def tiny_sd1_pipeline_dir(tmp_path_factory) -> Path:
 def tiny_sdxl_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny SDXL diffusers folder (read-only for tests: copy it before changing anything)."""
     return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "pipeline", "sdxl")
+
+
+# -- adapter files written by hand ----------------------------------------------------------------------
+# Tests of loading and verifying need Kohya files that do not come from our own exporter: these are written
+# directly with safetensors from the layouts of the shared kohya-format.md (sections 3 and 4), and the
+# matching weight change is computed from the same plain formulas.
+
+UNET_TRANSFORMER_LEAVES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+)
+TE_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def reference_delta(tensors: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """ΔW of one Kohya module from its file tensors (fp64): LoHa flat/CP or LoRA/LoCon (incl. lora_mid)."""
+    t = {k: v.double() for k, v in tensors.items()}
+    if "hada_w1_a" in t:
+        rank = t["hada_w1_b"].shape[0]
+        if "hada_t1" in t:
+            m1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
+            m2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
+        else:
+            m1 = t["hada_w1_a"] @ t["hada_w1_b"]
+            m2 = t["hada_w2_a"] @ t["hada_w2_b"]
+        delta = (m1 * m2).reshape(weight_shape)
+    else:
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        rank = down.shape[0]
+        if "lora_mid.weight" in t:
+            delta = torch.einsum(
+                "o a, a b h w, b i -> o i h w", up.flatten(1), t["lora_mid.weight"], down.flatten(1)
+            )
+        else:
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight_shape)
+    alpha = t["alpha"].item() if "alpha" in t else rank
+    return delta * (alpha / rank)
+
+
+def _factor_tensors(algo: str, weight: torch.Tensor, rank: int, cp: bool, gen: torch.Generator) -> dict:
+    out, in_ = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    k = 1
+    for side in kernel:
+        k *= side
+    std = 0.2
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) * std
+
+    use_cp = cp and k > 1
+    if algo == "loha":
+        if use_cp:
+            return {
+                "hada_w1_a": rand(rank, out),
+                "hada_w1_b": rand(rank, in_),
+                "hada_t1": rand(rank, rank, *kernel),
+                "hada_w2_a": rand(rank, out),
+                "hada_w2_b": rand(rank, in_),
+                "hada_t2": rand(rank, rank, *kernel),
+            }
+        return {
+            "hada_w1_a": rand(out, rank),
+            "hada_w1_b": rand(rank, in_ * k),
+            "hada_w2_a": rand(out, rank),
+            "hada_w2_b": rand(rank, in_ * k),
+        }
+    pointwise = (1,) * len(kernel)
+    if use_cp:
+        return {
+            "lora_down.weight": rand(rank, in_, *pointwise),
+            "lora_mid.weight": rand(rank, rank, *kernel),
+            "lora_up.weight": rand(out, rank, *pointwise),
+        }
+    return {"lora_down.weight": rand(rank, in_, *kernel), "lora_up.weight": rand(out, rank, *pointwise)}
+
+
+def kohya_targets(pipe, convs: bool = True) -> dict[str, tuple[str, str]]:
+    """`{kohya module name: (component, module path)}` for Kohya's usual targets of a tiny SD1/SDXL pipeline:
+    transformer Linear/1x1 layers, ResNet conv1 (3x3) when `convs`, and the text encoders' q/k/v/out/fc1/fc2."""
+    from loha_diffusion.formats import naming
+
+    targets: dict[str, tuple[str, str]] = {}
+    unet = pipe.unet
+    arch = naming.detect_architecture(unet)
+    unet_naming = naming.default_unet_naming(arch)
+    layout = naming.UNetLayout.from_config(unet)
+    for path, module in unet.named_modules():
+        wanted = ".transformer_blocks." in path and path.endswith(UNET_TRANSFORMER_LEAVES)
+        wanted |= path.endswith(("proj_in", "proj_out"))
+        wanted |= convs and ".resnets." in path and path.endswith("conv1")
+        if wanted and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            targets[naming.unet_kohya_name(path, unet_naming, layout)] = ("unet", path)
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    for component, prefix in zip(encoders, naming.text_encoder_prefixes(len(encoders))):
+        for path, module in getattr(pipe, component).named_modules():
+            if path.endswith(TE_LEAVES) and isinstance(module, torch.nn.Linear):
+                targets[naming.text_encoder_kohya_name(path, prefix)] = (component, path)
+    return targets
+
+
+def write_kohya_file(
+    path,
+    pipe,
+    *,
+    algo: str = "loha",
+    rank: int = 4,
+    alpha: float = 2.0,
+    cp: bool = False,
+    convs: bool = True,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, tuple[str, str]]:
+    """Write a Kohya-format file with random non-zero factors for `pipe`; return its module map."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    targets = kohya_targets(pipe, convs=convs)
+    tensors = {}
+    for kohya_name, (component, module_path) in targets.items():
+        weight = getattr(pipe, component).get_submodule(module_path).weight
+        for tensor_name, tensor in _factor_tensors(algo, weight, rank, cp, gen).items():
+            tensors[f"{kohya_name}.{tensor_name}"] = tensor.to(dtype).contiguous()
+        tensors[f"{kohya_name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    save_file(tensors, str(path), metadata=metadata or {"ss_network_module": "lycoris.kohya"})
+    return targets
+
+
+def patch_by_hand(pipe, file_path, targets: dict[str, tuple[str, str]], multiplier: float = 1.0) -> None:
+    """Add `multiplier` × each module's ΔW, computed from the file's tensors with the plain formulas, to the
+    pipeline's weights in place."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file_path))
+    with torch.no_grad():
+        for kohya_name, (component, module_path) in targets.items():
+            layer = getattr(pipe, component).get_submodule(module_path)
+            prefix = kohya_name + "."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            delta = reference_delta(own, tuple(layer.weight.shape))
+            layer.weight += (multiplier * delta).to(layer.weight.dtype)
+
+
+@pytest.fixture
+def kohya_files():
+    """Helpers to write hand-made Kohya files and patch weights from them: `.write(...)`, `.patch(...)`,
+    `.targets(pipe)`, `.delta(tensors, shape)`."""
+
+    class Helpers:
+        write = staticmethod(write_kohya_file)
+        patch = staticmethod(patch_by_hand)
+        targets = staticmethod(kohya_targets)
+        delta = staticmethod(reference_delta)
+
+    return Helpers

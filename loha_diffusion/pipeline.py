@@ -1,0 +1,179 @@
+"""Adapters on diffusers pipelines: load Kohya/LyCORIS files and PEFT-format folders into the UNet and text
+encoder(s), combine several with scales, switch them off, fuse them into the weights and back.
+
+Works on any pipeline object with a `unet` and `text_encoder` / `text_encoder_2` attributes
+(`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`,
+`StableDiffusionXLPipeline`, ...). The adapters are submodules of those components, so `pipe.to(...)`,
+`enable_model_cpu_offload()` and dtype casts move them along with the weights they modify.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import model as core
+
+# Pipeline attributes that can hold adapters, in the order Kohya files list them.
+ADAPTER_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def adapter_components(pipe: Any) -> dict[str, nn.Module]:
+    """The pipeline's components that can carry adapters (`unet`, `text_encoder`, `text_encoder_2`), those present."""
+    found = {name: getattr(pipe, name, None) for name in ADAPTER_COMPONENTS}
+    found = {name: module for name, module in found.items() if isinstance(module, nn.Module)}
+    if "unet" not in found:
+        raise TypeError(
+            f"{type(pipe).__name__} has no `unet` module; load_adapter works on Stable Diffusion pipelines "
+            "(components unet, text_encoder, text_encoder_2)."
+        )
+    return found
+
+
+def list_adapters(pipe: Any) -> dict[str, list[str]]:
+    """`{adapter name: [components it lives in]}` for every adapter loaded into the pipeline."""
+    result: dict[str, list[str]] = {}
+    for component, module in adapter_components(pipe).items():
+        for name in core.adapter_names(module):
+            result.setdefault(name, []).append(component)
+    return result
+
+
+def _require_adapters(pipe: Any, names: list[str]) -> dict[str, list[str]]:
+    loaded = list_adapters(pipe)
+    unknown = [n for n in names if n not in loaded]
+    if unknown:
+        raise KeyError(f"No adapter named {unknown} in this pipeline; loaded adapters: {sorted(loaded)}.")
+    return loaded
+
+
+def _default_adapter_name(path: Path, taken: dict[str, list[str]]) -> str:
+    """A name from the file name (letters, digits, `_`, `-`), made unique with a numeric suffix."""
+    stem = path.name.removesuffix(".safetensors") if path.is_file() else path.name
+    base = re.sub(r"[^A-Za-z0-9_\-]+", "_", stem).strip("_") or "adapter"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def load_adapter(
+    pipe: Any, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0
+) -> str:
+    """Load a Kohya/LyCORIS `.safetensors` file (LoHa, LoRA/LoCon, LoKr) or a PEFT-format folder into the
+    pipeline's UNet and text encoder(s), unmerged and active, and return the adapter's name.
+
+    The name defaults to the file name. Every key must map to a module of this pipeline with the right shapes;
+    otherwise one error lists the problems and the pipeline is left unchanged."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Adapter file {str(path)!r} does not exist.")
+    components = adapter_components(pipe)
+    loaded = list_adapters(pipe)
+    if adapter_name is None:
+        adapter_name = _default_adapter_name(path, loaded)
+    elif adapter_name in loaded:
+        raise ValueError(
+            f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name "
+            f"or unload_adapter(pipe, {adapter_name!r}) first."
+        )
+    if path.is_dir():
+        from .formats.peft import load_peft
+
+        load_peft(path, adapter_name=adapter_name, scale=scale, **components)
+    elif path.suffix == ".safetensors":
+        from .formats.kohya import load_kohya
+
+        load_kohya(path, adapter_name=adapter_name, scale=scale, **components)
+    else:
+        raise ValueError(
+            f"{str(path)!r} is neither a .safetensors file (Kohya/LyCORIS format) nor a folder with "
+            "adapter_config.json (PEFT format)."
+        )
+    return adapter_name
+
+
+def set_adapter_scales(pipe: Any, scales: dict[str, float]) -> None:
+    """Set the strength of each named adapter (1.0 = as trained, 0 = off); e.g. `{"style": 0.8, "face": 0.5}`.
+
+    Fused adapters cannot change scale: call `unfuse(pipe)` first."""
+    loaded = _require_adapters(pipe, list(scales))
+    components = adapter_components(pipe)
+    # Check every adapter before changing any, so a refused call leaves all scales as they were.
+    for name in scales:
+        for component in loaded[name]:
+            for layer in core.adapter_layers(components[component]).values():
+                if name in layer.merged_adapters:
+                    raise RuntimeError(
+                        f"Adapter {name!r} is fused; call unfuse(pipe) before changing its scale."
+                    )
+    for name, scale in scales.items():
+        for component in loaded[name]:
+            core.set_adapter_scale(components[component], name, float(scale))
+
+
+def set_active_adapters(pipe: Any, names: list[str] | str) -> None:
+    """Run exactly the adapters `names` (others stay loaded but inactive); several active adapters add up."""
+    names = [names] if isinstance(names, str) else list(names)
+    _require_adapters(pipe, names)
+    for module in adapter_components(pipe).values():
+        if core.adapter_layers(module):
+            core.set_active_adapters(module, [n for n in names if n in core.adapter_names(module)])
+
+
+def disable_adapters(pipe: Any) -> None:
+    """Run the base model only, keeping the adapters loaded (a fused pipeline is unfused on its next call)."""
+    for module in adapter_components(pipe).values():
+        core.disable_adapters(module)
+
+
+def enable_adapters(pipe: Any) -> None:
+    """Run the active adapters again after `disable_adapters`."""
+    for module in adapter_components(pipe).values():
+        core.enable_adapters(module)
+
+
+def unload_adapter(pipe: Any, name: str | None = None) -> None:
+    """Remove adapter `name` (default: all of them), restoring the original modules and weights."""
+    components = adapter_components(pipe)
+    if name is None:
+        for module in components.values():
+            core.unload(module)
+        return
+    loaded = _require_adapters(pipe, [name])
+    for component in loaded[name]:
+        core.delete_adapter(components[component], name)
+
+
+def fuse(pipe: Any, adapter_names: list[str] | None = None) -> None:
+    """Bake adapters (default: the active ones, at their current scales) into the weights for the fastest
+    inference. The original weights are kept, so `unfuse` restores them bit for bit."""
+    if adapter_names is not None:
+        _require_adapters(pipe, adapter_names)
+    for module in adapter_components(pipe).values():
+        present = core.adapter_names(module)
+        if not present:
+            continue
+        names = None if adapter_names is None else [n for n in adapter_names if n in present]
+        if names == []:
+            continue
+        core.merge_adapters(module, names)
+
+
+def unfuse(pipe: Any) -> None:
+    """Restore the exact original weights of every fused layer; the adapters stay loaded and active."""
+    for module in adapter_components(pipe).values():
+        core.unmerge_adapters(module)
+
+
+def fused_adapters(pipe: Any) -> list[str]:
+    """Names of the adapters currently baked into the weights."""
+    names: list[str] = []
+    for module in adapter_components(pipe).values():
+        for layer in core.adapter_layers(module).values():
+            names += [n for n in layer.merged_adapters if n not in names]
+    return names
