@@ -51,10 +51,27 @@ def _require_adapters(pipe: Any, names: list[str]) -> dict[str, list[str]]:
     return loaded
 
 
+def _is_reserved(name: str) -> bool:
+    # Adapters live in an nn.ModuleDict, which cannot hold a key that is also a Module attribute
+    # ("half", "to", "train", ...): adding one fails halfway through wrapping the layers.
+    return hasattr(nn.ModuleDict(), name)
+
+
+def _check_adapter_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"adapter_name {name!r} may only contain letters, digits, '_' and '-'.")
+    if _is_reserved(name):
+        raise ValueError(
+            f"adapter_name {name!r} is the name of a torch Module attribute; pick another (e.g. {name + '_1'!r})."
+        )
+
+
 def _default_adapter_name(path: Path, taken: dict[str, list[str]]) -> str:
     """A name from the file name (letters, digits, `_`, `-`), made unique with a numeric suffix."""
     stem = path.name.removesuffix(".safetensors") if path.is_file() else path.name
     base = re.sub(r"[^A-Za-z0-9_\-]+", "_", stem).strip("_") or "adapter"
+    if _is_reserved(base):
+        base += "_1"
     name, n = base, 2
     while name in taken:
         name, n = f"{base}_{n}", n + 1
@@ -76,7 +93,8 @@ def load_adapter(
     loaded = list_adapters(pipe)
     if adapter_name is None:
         adapter_name = _default_adapter_name(path, loaded)
-    elif adapter_name in loaded:
+    _check_adapter_name(adapter_name)
+    if adapter_name in loaded:
         raise ValueError(
             f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name "
             f"or unload_adapter(pipe, {adapter_name!r}) first."

@@ -177,33 +177,6 @@ def test_refused_calls_change_nothing():
         lp.adapter_components(object())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_pipeline_and_dtype_moves(dtype):
-    pipe = build_tiny_pipeline("sd1")
-    inject(pipe, "a", seed=1)
-    reference = run(pipe)
-    base_fp32 = build_tiny_pipeline("sd1")
-    adapter_effect = (reference - run(base_fp32)).abs().max()
-
-    # A move after loading carries the adapters along (they are submodules): factors follow the dtype.
-    pipe.to(dtype)
-    layer = next(iter(adapter_layers(pipe.unet).values()))
-    assert all(t.dtype == dtype for t in layer.adapters["a"].state_tensors().values())
-    low = run(pipe)
-    assert torch.isfinite(low).all()
-    # Rounding to 8/11 mantissa bits changes the output far less than the adapter does.
-    assert (low - reference).abs().max() < 0.25 * adapter_effect
-
-    original = base_weights(pipe)
-    lp.fuse(pipe)
-    assert_close(run(pipe), low, rtol=5e-2)
-    lp.unfuse(pipe)
-    assert all(torch.equal(original[k], v) for k, v in base_weights(pipe).items())
-
-    pipe.to(torch.float32)
-    assert_close(run(pipe), reference, rtol=2e-2)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_model_cpu_offload_moves_adapters():
     pipe = build_tiny_pipeline("sd1")
@@ -259,23 +232,50 @@ def test_two_files_with_scales_add(tmp_path, kohya_files):
     assert lp.load_adapter(pipe, a) == "a_2"
     with pytest.raises(ValueError, match="already has an adapter named 'second'"):
         lp.load_adapter(pipe, b, adapter_name="second")
+    # Names that are torch Module attributes cannot be ModuleDict keys: refused up front, or avoided by default.
+    with pytest.raises(ValueError, match="Module attribute"):
+        lp.load_adapter(pipe, b, adapter_name="half")
+    half = tmp_path / "half.safetensors"
+    half.write_bytes(b.read_bytes())
+    assert lp.load_adapter(pipe, half) == "half_1"
+    assert sorted(lp.list_adapters(pipe)) == ["a", "a_2", "half_1", "second"]
 
 
-def test_fp16_file_into_bf16_pipeline(tmp_path, kohya_files):
-    pipe = build_tiny_pipeline("sd1")
-    file = tmp_path / "half.safetensors"
-    targets = kohya_files.write(file, pipe, dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_pipelines(tmp_path, kohya_files, dtype):
+    file = tmp_path / "half_precision.safetensors"
+    targets = kohya_files.write(file, build_tiny_pipeline("sd1"), dtype=torch.float16)
     expected = build_tiny_pipeline("sd1")
     kohya_files.patch(expected, file, targets)
     reference = run(expected)
+    # What rounding alone costs: the hand-patched weights cast to `dtype`.
+    expected.to(dtype)
+    rounding = (run(expected) - reference).abs().max()
 
-    pipe.to(torch.bfloat16)
+    # Loaded into a pipeline already in `dtype`: the adapter sits on the layers' device, applies in `dtype`.
+    pipe = build_tiny_pipeline("sd1").to(dtype)
     lp.load_adapter(pipe, file)
     layer = next(iter(adapter_layers(pipe.unet).values()))
     assert next(iter(layer.adapters.values())).hada_w1_a.device == layer.base_layer.weight.device
     low = run(pipe)
-    base_effect = (reference - run(build_tiny_pipeline("sd1"))).abs().max()
-    assert (low - reference).abs().max() < 0.25 * base_effect
+    assert torch.isfinite(low).all()
+    assert (low - reference).abs().max() <= 1.5 * rounding
+
+    original = base_weights(pipe)
+    lp.fuse(pipe)
+    assert (run(pipe) - reference).abs().max() <= 1.5 * rounding
+    lp.unfuse(pipe)
+    assert all(torch.equal(original[k], v) for k, v in base_weights(pipe).items())
+
+    # Loaded in fp32, then moved: the factors follow the module's dtype (they are submodules).
+    moved = build_tiny_pipeline("sd1")
+    lp.load_adapter(moved, file)
+    moved.to(dtype)
+    layer = next(iter(adapter_layers(moved.unet).values()))
+    assert all(t.dtype == dtype for t in next(iter(layer.adapters.values())).state_tensors().values())
+    assert (run(moved) - reference).abs().max() <= 1.5 * rounding
+    moved.to(torch.float32)
+    assert_close(run(moved), reference, rtol=2e-2)
 
 
 def test_img2img_and_inpaint_pipelines(tmp_path, kohya_files):
