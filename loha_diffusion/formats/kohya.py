@@ -450,17 +450,16 @@ def kohya_name_map(
 
 
 def _format_problems(title: str, groups: list[tuple[str, list[str]]], hints: list[str] = ()) -> str:
+    """One message: the title, hints, then per category its count and first few items."""
     lines = [title]
     lines += [f"  hint: {h}" for h in hints]
     for label, items in groups:
         if not items:
             continue
-        shown = items[:_SHOWN]
-        more = f"\n      ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
         lines.append(f"  {len(items)} {label}:")
-        lines += [f"    - {item}" for item in shown]
-        if more:
-            lines.append(more)
+        lines += [f"    - {item}" for item in items[:_SHOWN]]
+        if len(items) > _SHOWN:
+            lines.append(f"    ... and {len(items) - _SHOWN} more")
     return "\n".join(lines)
 
 
@@ -712,6 +711,13 @@ def build_kohya_state_dict(
                 warnings.warn(
                     "Writing diffusers names for a UNet that is not SD1/SD2/SDXL-shaped: ComfyUI and LyCORIS load "
                     "them, A1111 may apply them to the wrong layers.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            if arch == "sdxl" and naming_style == "diffusers":
+                warnings.warn(
+                    "Writing diffusers names for an SDXL UNet: A1111 drops up_blocks_0_upsamplers_0_conv and "
+                    "add_embedding keys of such files; the default (LDM names) loads everywhere.",
                     UserWarning,
                     stacklevel=3,
                 )
