@@ -224,3 +224,40 @@ def test_bad_peft_directories(tmp_path):
     assert not adapter_layers(fresh) and all(p.requires_grad for p in fresh.parameters())
     with pytest.raises(FileNotFoundError):
         read_peft(tmp_path / "nowhere")
+
+
+def test_pipeline_component_folders(tmp_path):
+    """unet/, text_encoder/ subfolders (as the trainer and diffusers lay them out), all or nothing on load."""
+    torch.manual_seed(0)
+    unet, te = build_tiny_unet("sd1"), build_tiny_text_encoder("sd1", 1)
+    inject_adapter(unet, unet_preset("attn_ff", init_weights=False))
+    inject_adapter(te, text_encoder_preset(init_weights=False))
+    te_plain = build_tiny_text_encoder("sd1", 1)  # a component without the adapter is skipped on save
+    save_peft(tmp_path / "only_unet", unet=unet, text_encoder=te_plain)
+    assert (tmp_path / "only_unet" / "unet" / "adapter_config.json").is_file()
+    assert not (tmp_path / "only_unet" / "text_encoder").exists()
+    save_peft(tmp_path / "both", unet=unet, text_encoder=te)
+    fresh_unet, fresh_te = build_tiny_unet("sd1"), build_tiny_text_encoder("sd1", 1)
+    assert (
+        load_peft(tmp_path / "both", unet=fresh_unet, text_encoder=fresh_te, adapter_name="x", scale=0.5)
+        == "x"
+    )
+    assert {layer.adapters["x"].scale for layer in adapter_layers(fresh_te).values()} == {0.5}
+    a, b = get_adapter_state_dict(te), get_adapter_state_dict(fresh_te, "x")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A single adapter folder given with keywords goes to the model that has all its modules.
+    other_unet, other_te = build_tiny_unet("sd1"), build_tiny_text_encoder("sd1", 1)
+    load_peft(tmp_path / "both" / "text_encoder", unet=other_unet, text_encoder=other_te)
+    assert adapter_layers(other_te) and not adapter_layers(other_unet)
+    # All or nothing: a text-encoder folder that does not fit leaves the UNet untouched too.
+    broken = tmp_path / "both" / "text_encoder" / "adapter_model.safetensors"
+    tensors = load_file(str(broken))
+    save_file({k: v for i, (k, v) in enumerate(tensors.items()) if i}, str(broken))
+    unet3, te3 = build_tiny_unet("sd1"), build_tiny_text_encoder("sd1", 1)
+    with pytest.raises(PeftFormatError, match="missing keys"):
+        load_peft(tmp_path / "both", unet=unet3, text_encoder=te3)
+    assert not adapter_layers(unet3) and not adapter_layers(te3)
+    with pytest.raises(ValueError, match="either one model"):
+        load_peft(tmp_path / "both", unet3, unet=unet3)
+    with pytest.raises(ValueError, match="pass those models too"):
+        load_peft(tmp_path / "both", unet=unet3)

@@ -191,28 +191,49 @@ def config_from_peft_dict(data: Mapping[str, Any]) -> LoHaConfig | LoRAConfig:
     return LoRAConfig(**fields)
 
 
-def save_peft(
-    directory: str | os.PathLike,
-    model: nn.Module,
-    adapter_name: str = "default",
-    *,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Write adapter `adapter_name` of one model (a UNet or a text encoder) as a PEFT directory that
-    `PeftModel.from_pretrained` and `inject_adapter_in_model` + `set_peft_model_state_dict` load.
-
-    Tensors keep their dtype unless `dtype` is given; keys are `base_model.model.<path>.<tensor>`."""
-    model = _unwrap(model)
-    config = adapter_config_from_model(model, adapter_name)
-    config_dict = peft_config_dict(config)
+def _save_one(directory: Path, model: nn.Module, adapter_name: str, dtype: torch.dtype | None) -> Path:
+    config_dict = peft_config_dict(adapter_config_from_model(model, adapter_name))
     state = {
         PEFT_PREFIX + key: (tensor if dtype is None else tensor.to(dtype)).detach().cpu().contiguous()
         for key, tensor in get_adapter_state_dict(model, adapter_name).items()
     }
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def save_peft(
+    directory: str | os.PathLike,
+    model: nn.Module | None = None,
+    adapter_name: str = "default",
+    *,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write adapter `adapter_name` as PEFT directories that `PeftModel.from_pretrained` and
+    `inject_adapter_in_model` + `set_peft_model_state_dict` load.
+
+    With `model` (a UNet or a text encoder) the adapter goes into `directory` itself; with `unet=`,
+    `text_encoder=`, `text_encoder_2=` into `directory/<component>/` for each of them that has the adapter.
+    Tensors keep their dtype unless `dtype` is given; keys are `base_model.model.<path>.<tensor>`.
+    Everything is checked before anything is written."""
+    directory = Path(directory)
+    components = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    if (model is None) == (not components):
+        raise ValueError("save_peft takes either one model or unet=/text_encoder=/text_encoder_2=, not both.")
+    if model is not None:
+        targets = {directory: _unwrap(model)}
+    else:
+        targets = {directory / c: m for c, m in components.items() if adapter_name in adapter_names(m)}
+        if not targets:
+            raise PeftFormatError(f"No adapter named {adapter_name!r} on {sorted(components)}.")
+    for target_model in targets.values():
+        peft_config_dict(adapter_config_from_model(target_model, adapter_name))  # raises before any write
+    for target_dir, target_model in targets.items():
+        _save_one(target_dir, target_model, adapter_name, dtype)
     return directory
 
 
@@ -233,14 +254,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[LoHaConfig | LoRAConfig, di
     return config, state
 
 
-def load_peft(
-    directory: str | os.PathLike, model: nn.Module, adapter_name: str = "default", *, scale: float = 1.0
-) -> str:
-    """Load a PEFT LoHa/LoRA directory onto `model` as adapter `adapter_name` (user scale `scale`).
-
-    The config's targeting selects the modules exactly as PEFT does; the tensors must then match one to one
-    (missing, unknown or misshaped keys raise one `ValueError` and the model is left as it was)."""
-    model = _unwrap(model)
+def _load_one(directory: Path, model: nn.Module, adapter_name: str, scale: float) -> None:
     config, state = read_peft(directory)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     inject_adapter(model, config, adapter_name)
@@ -252,6 +266,78 @@ def load_peft(
             param.requires_grad_(flag)
         raise PeftFormatError(f"{directory} does not fit {type(model).__name__}:\n{err}") from None
     set_adapter_scale(model, adapter_name, scale)
+
+
+def _module_path(key: str) -> str:
+    """The module part of a state-dict key (`a.b.lora_A.weight` -> `a.b`, `a.b.hada_w1_a` -> `a.b`)."""
+    for suffix in ("lora_A.weight", "lora_B.weight", "lora_mid.weight"):
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1]
+    return key.rpartition(".")[0]
+
+
+def _owner(directory: Path, components: Mapping[str, nn.Module]) -> str:
+    """The one component that has a module for every tensor of a single PEFT adapter folder."""
+    _, state = read_peft(directory)
+    paths = {_module_path(key) for key in state}
+    owners = [c for c, m in components.items() if paths <= {name for name, _ in m.named_modules()}]
+    if len(owners) != 1:
+        raise PeftFormatError(
+            f"Cannot tell which of {sorted(components)} the PEFT adapter in {directory} belongs to "
+            f"({owners or 'none'} have all its modules); pass that model alone, or use a folder with "
+            "unet/, text_encoder/, text_encoder_2/ subfolders."
+        )
+    return owners[0]
+
+
+def load_peft(
+    directory: str | os.PathLike,
+    model: nn.Module | None = None,
+    adapter_name: str = "default",
+    *,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    scale: float = 1.0,
+) -> str:
+    """Load a PEFT LoHa/LoRA adapter as `adapter_name` (user scale `scale`) and return the name.
+
+    `directory` holds `adapter_config.json` + `adapter_model.safetensors` for `model`, or subfolders `unet/`,
+    `text_encoder/`, `text_encoder_2/` for the models given by keyword (a single adapter folder with keywords goes
+    to the one model that has all its modules). The config's targeting selects modules exactly as PEFT does; the
+    tensors must match one to one, else a `PeftFormatError` is raised and every model is left as it was."""
+    directory = Path(directory)
+    components = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    if (model is None) == (not components):
+        raise ValueError("load_peft takes either one model or unet=/text_encoder=/text_encoder_2=, not both.")
+    if model is not None:
+        plan = {directory: _unwrap(model)}
+    elif (directory / CONFIG_NAME).is_file():
+        plan = {directory: components[_owner(directory, components)]}
+    else:
+        found = {c: directory / c for c in COMPONENTS if (directory / c / CONFIG_NAME).is_file()}
+        if not found:
+            raise FileNotFoundError(
+                f"{directory} holds no PEFT adapter ({CONFIG_NAME} in it or in {', '.join(COMPONENTS)} subfolders)."
+            )
+        missing = [c for c in found if c not in components]
+        if missing:
+            raise ValueError(f"{directory} has PEFT adapters for {missing}; pass those models too.")
+        plan = {path: components[c] for c, path in found.items()}
+    taken = [type(m).__name__ for m in plan.values() if adapter_name in adapter_names(m)]
+    if taken:
+        raise ValueError(
+            f"Adapter name {adapter_name!r} is already used on {taken}; pick another adapter_name."
+        )
+    done: list[nn.Module] = []
+    try:
+        for path, target in plan.items():
+            _load_one(path, target, adapter_name, scale)
+            done.append(target)
+    except Exception:
+        for target in done:  # all or nothing
+            delete_adapter(target, adapter_name)
+        raise
     return adapter_name
 
 
@@ -269,23 +355,20 @@ def kohya_to_peft(
 ) -> dict[str, Path]:
     """Convert a Kohya/LyCORIS LoHa or LoRA file into PEFT directories `out_dir/<component>` (one per model
     with modules in the file). The models give names and shapes (their weights do not matter) and are left
-    without the temporary adapter afterwards."""
+    as they were afterwards."""
     models = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     name = _temporary_name(models)
-    written = {}
     with _keep_requires_grad(*models.values()):
         load_kohya(kohya_path, adapter_name=name, **models)
         try:
-            for component, model in models.items():
-                if name in adapter_names(model):
-                    written[component] = save_peft(Path(out_dir) / component, model, name)
+            save_peft(out_dir, adapter_name=name, **models)
+            return {c: Path(out_dir) / c for c, m in models.items() if name in adapter_names(m)}
         finally:
             _drop_adapter(models, name)
-    return written
 
 
 def peft_to_kohya(
-    peft_dirs: Mapping[str, str | os.PathLike] | str | os.PathLike,
+    peft_dirs: str | os.PathLike,
     out_path: str | os.PathLike,
     *,
     unet: nn.Module | None = None,
@@ -293,26 +376,15 @@ def peft_to_kohya(
     text_encoder_2: nn.Module | None = None,
     **save_kohya_kwargs: Any,
 ) -> Path:
-    """Convert PEFT directories into one Kohya `.safetensors` file. `peft_dirs` maps component names ("unet",
-    "text_encoder", "text_encoder_2") to directories, or is a folder holding such subfolders (what `kohya_to_peft`
-    writes). Extra keyword arguments go to `save_kohya` (dtype, metadata, ...)."""
+    """Convert PEFT adapter folders (what `load_peft` reads with these models: `unet/`, `text_encoder/`,
+    `text_encoder_2/` subfolders as `kohya_to_peft` writes them, or one adapter folder) into one Kohya
+    `.safetensors` file. Extra keyword arguments go to `save_kohya` (dtype, metadata, ...)."""
     models = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
-    if not isinstance(peft_dirs, Mapping):
-        root = Path(peft_dirs)
-        peft_dirs = {c: root / c for c in COMPONENTS if (root / c / CONFIG_NAME).is_file()}
-        if not peft_dirs:
-            raise FileNotFoundError(f"No PEFT adapter folders ({', '.join(COMPONENTS)}) under {root}.")
-    missing = [c for c in peft_dirs if c not in models]
-    if missing:
-        raise ValueError(f"PEFT adapters for {missing} need the matching model argument(s).")
     name = _temporary_name(models)
     with _keep_requires_grad(*models.values()):
+        load_peft(peft_dirs, adapter_name=name, **models)
         try:
-            for component, directory in peft_dirs.items():
-                load_peft(directory, models[component], name)
-            return save_kohya(
-                out_path, adapter_name=name, **{c: models[c] for c in peft_dirs}, **save_kohya_kwargs
-            )
+            return save_kohya(out_path, adapter_name=name, **models, **save_kohya_kwargs)
         finally:
             _drop_adapter(models, name)
 
