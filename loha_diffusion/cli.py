@@ -415,6 +415,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.failures_only and status == "PASS":
             continue
         print(f"{status}  {name:<{width}}  {kind:<5} {where}  {detail}")
+    module_failures = failures
     for problem in kfile.problems:
         print(f"FAIL  file: {problem}")
         failures += 1
@@ -423,7 +424,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAIL  base model: the file is for {file_arch}, the pipeline is {model_arch}-shaped")
         failures += 1
     print(
-        f"{'FAIL' if failures else 'PASS'}: {len(rows) - failures}/{len(rows)} modules map to {args.pipeline} "
+        f"{'FAIL' if failures else 'PASS'}: {len(rows) - module_failures}/{len(rows)} modules map to {args.pipeline} "
         f"and their deltas agree (ours vs the plain formula, rel. tolerance {args.rtol:g})"
     )
     return 1 if failures else 0
@@ -493,23 +494,133 @@ def _renamed(kfile, style: str | None, models: dict[str, Any] | None) -> dict[st
     return out
 
 
+def _stand_in_weights(models: dict[str, Any], paths: dict[str, set[str]]) -> None:
+    """Give the named meta-device layers a CPU weight of the right shape that stores one number (an expanded
+    scalar): importers need the layers' shapes and device, never their values."""
+    import torch
+    from torch import nn
+
+    for component, component_paths in paths.items():
+        for path in component_paths:
+            layer = models[component].get_submodule(path)
+            if layer.weight.is_meta:
+                stand_in = torch.zeros((), dtype=torch.float32).expand(layer.weight.shape)
+                layer.weight = nn.Parameter(stand_in, requires_grad=False)
+
+
+def _peft_paths(src: Path, models: dict[str, Any]) -> dict[str, set[str]]:
+    """Module paths of each PEFT adapter folder under `src` (or of `src` itself), by component."""
+    from .formats.peft import read_peft
+
+    def module_path(key: str) -> str:
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_mid.weight"):
+            if key.endswith(suffix):
+                return key[: -len(suffix)]
+        return key.rpartition(".")[0]
+
+    folders = {c: src / c for c in models if (src / c / "adapter_config.json").is_file()}
+    if (src / "adapter_config.json").is_file():
+        folders = {c: src for c in models}  # one adapter folder: load_peft picks the component that fits
+    if not folders:
+        raise CLIError(
+            f"{src} holds no PEFT adapter (adapter_config.json in it or in unet/, text_encoder/, "
+            "text_encoder_2/ subfolders)."
+        )
+    paths = {}
+    for component, folder in folders.items():
+        _, state = read_peft(folder)
+        names = {name for name, _ in models[component].named_modules()}
+        paths[component] = {p for p in map(module_path, state) if p in names}
+    return paths
+
+
+def _peft_dtype(src: Path):
+    from safetensors import safe_open
+
+    for weights in sorted(src.rglob("adapter_model.safetensors")):
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                return f.get_slice(key).get_dtype()
+    return None
+
+
+def _convert_peft(args: argparse.Namespace, src: Path, dst: Path, to_peft: bool) -> int:
+    """Kohya -> PEFT folders, or PEFT folders -> Kohya, through models with stand-in weights."""
+    import torch
+
+    from .formats.kohya import load_kohya
+    from .formats.peft import load_peft, peft_to_kohya, save_peft
+
+    pipeline = _pipeline_dir(args.pipeline) if args.pipeline else None
+    dtype = _torch_dtype(args.dtype) if args.dtype else None
+    if src.is_dir():
+        arch = args.arch or ("sdxl" if (src / "text_encoder_2").is_dir() else None)
+        if pipeline is None and arch is None:
+            raise CLIError(
+                "Pass --pipeline DIR or --arch sd1|sdxl: a PEFT folder does not say its base model."
+            )
+        models = skeleton_models(pipeline, arch)
+        _stand_in_weights(models, _peft_paths(src, models))
+        if to_peft:
+            load_peft(src, adapter_name="convert", **models)
+        else:
+            if dtype is None:
+                file_dtype = _peft_dtype(src)
+                dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(str(file_dtype), torch.float32)
+            peft_to_kohya(src, dst, dtype=dtype, unet_naming=args.unet_names or "auto", **models)
+            print(f"wrote {dst} from the PEFT adapter in {src} ({str(dtype).replace('torch.', '')})")
+            return 0
+    else:
+        kfile = _read_kohya(src)
+        models = skeleton_models(pipeline, args.arch or kfile.guess_architecture())
+        paths: dict[str, set[str]] = {}
+        for target in kohya_targets(kfile, models).values():
+            paths.setdefault(target.component, set()).add(target.path)
+        _stand_in_weights(models, paths)
+        try:
+            load_kohya(kfile, adapter_name="convert", **models)
+        except ValueError as err:
+            hint = (
+                "" if pipeline else f"\nhint: pass --pipeline DIR of the base model {src.name} was made for."
+            )
+            raise CLIError(f"{err}{hint}") from None
+    if dtype is None and not src.is_dir():
+        dtype = next(iter(kfile.modules.values())).dtype
+    save_peft(dst, adapter_name="convert", dtype=dtype, **models)
+    written = sorted(p.parent.name for p in dst.rglob("adapter_config.json"))
+    print(f"wrote PEFT adapter folders {', '.join(written)} under {dst}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     _quiet_libraries()
     src, dst = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise CLIError(f"{src}: no such file or folder.")
     if dst.exists() and not args.overwrite:
         raise CLIError(f"{dst} already exists; choose another output path or pass --overwrite.")
-    if dst.suffix != ".safetensors":
-        raise CLIError(f"{dst}: the output must be a .safetensors file (Kohya/LyCORIS format).")
+    to = args.to
+    if to == "same":
+        to = "kohya" if dst.suffix == ".safetensors" else "peft"
+    if to in ("kohya", "lora") and dst.suffix != ".safetensors":
+        raise CLIError(f"{dst}: a Kohya/LyCORIS output must be a .safetensors file.")
+    if to == "peft" and dst.suffix:
+        raise CLIError(f"{dst}: a PEFT output is a folder; give a path without a file extension.")
+    if src.is_dir() and to == "lora":
+        raise CLIError(f"--to lora reads a Kohya file; convert {src} to a .safetensors file first.")
+    if src.is_dir() or to == "peft":
+        return _convert_peft(args, src, dst, to_peft=to == "peft")
+
     kfile = _read_kohya(src)
     if kfile.all_problems:
         raise CLIError(
             f"{src} has problems; run `{PROG} inspect {src}`:\n  " + "\n  ".join(kfile.all_problems[:10])
         )
     pipeline = _pipeline_dir(args.pipeline) if args.pipeline else None
-    needs_model = args.to == "lora" or args.unet_names is not None
-    models = skeleton_models(pipeline, kfile.guess_architecture()) if needs_model else None
+    needs_model = to == "lora" or args.unet_names is not None
+    models = skeleton_models(pipeline, args.arch or kfile.guess_architecture()) if needs_model else None
     if args.unet_names and (models is None or "text_encoder_2" not in models):
         raise CLIError("--unet-names applies to SDXL files only (SD1/SD2 files always use diffusers names).")
     names = _renamed(kfile, args.unet_names, models)
@@ -518,7 +629,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     tensors: dict[str, torch.Tensor] = {}
     metadata = dict(kfile.metadata)
-    if args.to == "lora":
+    if to == "lora":
         targets = kohya_targets(kfile, models)
         total_norm2 = total_err2 = 0.0
         print(f"{'relative error':>14}  module")
@@ -708,7 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="change dtype or SDXL name style, or turn LoHa/LoKr into LoRA by truncated SVD",
         formatter_class=raw,
-        description="Rewrite a Kohya/LyCORIS file: another dtype (--dtype), the other SDXL UNet name style "
+        description="Convert between a Kohya/LyCORIS file and PEFT adapter folders (unet/, text_encoder/, "
+        "text_encoder_2/, each with adapter_config.json + adapter_model.safetensors), or rewrite a Kohya file: "
+        "another dtype (--dtype), the other SDXL UNet name style "
         "(--unet-names; text-encoder names become the portable text_model_ form), or a plain LoRA of rank N "
         "(--to lora --rank N) made from the best rank-N approximation (truncated SVD) of each module's delta, "
         "printing each module's relative error and the total, so LoRA-only tools (diffusers load_lora_weights, "
@@ -717,19 +830,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples(
             "convert my_loha.safetensors my_lora.safetensors --to lora --rank 16",
             "convert my_loha.safetensors my_loha_fp16.safetensors --dtype fp16",
+            "convert my_loha.safetensors ./my_loha_peft --pipeline ./sd15   (Kohya -> PEFT folders)",
+            "convert ./my_loha_peft my_loha.safetensors --arch sd1          (PEFT folders -> Kohya)",
             "convert sdxl_diffusers_names.safetensors sdxl_kohya.safetensors --unet-names ldm",
             "convert tiny_loha.safetensors tiny_lora.safetensors --to lora --rank 4 --pipeline ./tiny-sd",
         ),
     )
-    p.add_argument("input", help="a Kohya/LyCORIS .safetensors file")
-    p.add_argument("output", help="the .safetensors file to write")
-    p.add_argument("--to", choices=["same", "lora"], default="same", help="output algorithm (default: same)")
+    p.add_argument("input", help="a Kohya/LyCORIS .safetensors file or a PEFT adapter folder")
+    p.add_argument("output", help="a .safetensors file (Kohya) or a folder (PEFT) to write")
+    p.add_argument(
+        "--to",
+        choices=["same", "kohya", "peft", "lora"],
+        default="same",
+        help="output format: kohya, peft, or lora (Kohya LoRA by truncated SVD); default: from OUTPUT's suffix",
+    )
     p.add_argument("--rank", type=int, default=16, help="LoRA rank for --to lora (default 16)")
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), help="tensor dtype of the output (default: the input's)"
     )
     p.add_argument("--unet-names", choices=["ldm", "diffusers"], help="SDXL UNet name style of the output")
     p.add_argument("--pipeline", metavar="DIR", help="diffusers folder of the base model (module shapes)")
+    p.add_argument("--arch", choices=["sd1", "sdxl"], help="without --pipeline: the real SD1.5/SDXL shapes")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_convert)
 
