@@ -1,0 +1,189 @@
+"""End-to-end training on a tiny SD1-shaped model: exact resume, two processes equal one, dry run, errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from loha_diffusion.training.config import load_config
+from loha_diffusion.training.loop import main, train
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = [(220, 40, 40), (40, 70, 220), (40, 170, 60), (235, 200, 40), (200, 60, 200), (30, 200, 200)]
+
+
+def make_dataset(folder: Path, n: int, size: int = 40) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = Image.new("RGB", (size + 8 * (i % 2), size), (240, 240, 240))
+        ImageDraw.Draw(image).ellipse((8, 8, size - 8, size - 8), fill=COLOURS[i % len(COLOURS)])
+        image.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a red circle {i}")
+    return folder
+
+
+def base_flags(model_dir: Path, data_dir: Path, out: Path) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--train_data_dir", str(data_dir),
+        "--output_dir", str(out),
+        "--resolution", "32",
+        "--rank", "2",
+        "--preset", "attn",
+        "--learning_rate", "1e-2",
+        "--report_to", "none",
+        "--save_precision", "fp32",
+        "--save_peft_format", "false",
+        "--seed", "3",
+    ]  # fmt: skip
+
+
+def adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "unet_adapter.safetensors"))
+
+
+def test_resume_is_bit_exact(tiny_sd1_pipeline_dir, tmp_path):
+    """6 steps straight == 4 steps, stop, resume from the step-4 checkpoint to 6 (mid-epoch, with accumulation)."""
+    data = make_dataset(tmp_path / "data", 5)
+    extra = [
+        "--max_train_steps", "6",
+        "--train_batch_size", "1",
+        "--gradient_accumulation_steps", "2",  # 5 images -> 3 steps per epoch, the last with one micro-batch
+        "--checkpointing_steps", "2",
+        "--lr_scheduler", "cosine",
+        "--lr_warmup_steps", "2",
+        "--rank_dropout", "0.2",
+        "--random_flip",
+        "--caption_dropout_rate", "0.3",
+        "--noise_offset", "0.05",
+        "--snr_gamma", "5",
+    ]  # fmt: skip
+    straight = train(load_config(base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "a") + extra))
+    assert straight.global_step == 6
+
+    interrupted = load_config(base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "b") + extra)
+    assert train(interrupted, stop_at_step=4).global_step == 4
+    assert not (tmp_path / "b" / "loha.safetensors").exists()  # stopped like a killed job
+    resumed = load_config(
+        base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "b")
+        + extra
+        + ["--resume_from_checkpoint", "latest"]
+    )
+    assert train(resumed).global_step == 6
+
+    a = adapter_tensors(tmp_path / "a" / "checkpoint-6")
+    b = adapter_tensors(tmp_path / "b" / "checkpoint-6")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # Training moved the adapter away from its start.
+    start = adapter_tensors(tmp_path / "b" / "checkpoint-2")
+    assert any(not torch.equal(start[k], a[k]) for k in a)
+    # The final Kohya files agree too.
+    fa, fb = (
+        load_file(str(tmp_path / "a" / "loha.safetensors")),
+        load_file(str(tmp_path / "b" / "loha.safetensors")),
+    )
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_resume_rejects_other_batch_geometry(tiny_sd1_pipeline_dir, tmp_path):
+    data = make_dataset(tmp_path / "data", 4)
+    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out") + ["--checkpointing_steps", "1"]
+    train(load_config(flags + ["--max_train_steps", "1"]))
+    code = main(
+        flags + ["--max_train_steps", "2", "--train_batch_size", "2", "--resume_from_checkpoint", "latest"]
+    )
+    assert code == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tiny_sd1_pipeline_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 2 == 1 process x batch 4; only rank 0 writes files."""
+    data = make_dataset(tmp_path / "data", 8)
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "4", "--lr_scheduler", "linear"]
+    single = train(
+        load_config(
+            base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "one") + common + ["--train_batch_size", "4"]
+        )
+    )
+    assert single.global_step == 4
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(REPO / "scripts" / "train_loha_sd.py"),
+        *base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common, "--train_batch_size", "2",
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    one = load_file(str(tmp_path / "one" / "loha.safetensors"))
+    two = load_file(str(tmp_path / "two" / "loha.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+    moved = adapter_tensors(tmp_path / "one" / "checkpoint-4")
+    assert any(v.abs().sum() > 0 for k, v in moved.items() if "w1_b" in k or "w2_b" in k)
+
+    def listing(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+    # Same files as the single-process run, plus the second process's RNG state inside the checkpoint.
+    assert listing(tmp_path / "two") - listing(tmp_path / "one") == {"checkpoint-4/random_states_1.pkl"}
+    assert listing(tmp_path / "one") - listing(tmp_path / "two") == set()
+
+
+def test_dry_run_prints_plan(tiny_sd1_pipeline_dir, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", 3)
+    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out")
+    code = main(
+        flags + ["--dry_run", "--preset", "full", "--rank", "64", "--alpha", "512", "--num_train_epochs", "2"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    for text in (
+        "unet.down_blocks",
+        "unet.mid_block",
+        "unet.up_blocks",
+        "effective rank (r^2)",
+        "Expected file size",
+    ):
+        assert text in out
+    assert "6 optimizer steps = 2 epochs of 3 steps" in out and "effective batch 1" in out
+    assert "LoHa rank 64" in out and "alpha = 512" in out  # the known-bad settings are flagged
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_user_errors_exit_cleanly(tiny_sd1_pipeline_dir, tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", 2)
+    (data / "img1.txt").unlink()
+    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out") + ["--max_train_steps", "1"]
+    assert main(flags) == 2
+    assert "img1.png: no caption file img1.txt" in capsys.readouterr().err
+    missing = base_flags(tmp_path / "no" / "such" / "model", data, tmp_path / "out")
+    assert main(missing + ["--max_train_steps", "1", "--on_missing_caption", "skip"]) == 2
+    assert "make-tiny" in capsys.readouterr().err
+    assert main(flags + ["--use_8bit_adam"]) in (0, 2)  # 2 with a clear message when bitsandbytes is missing
+
+
+@pytest.mark.parametrize("flag", ["--enable_xformers_memory_efficient_attention"])
+def test_xformers_request_is_checked(tiny_sd1_pipeline_dir, tmp_path, capsys, flag):
+    data = make_dataset(tmp_path / "data", 2)
+    code = main(base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out") + ["--max_train_steps", "1", flag])
+    if not torch.cuda.is_available():
+        assert code == 2 and "xformers" in capsys.readouterr().err
