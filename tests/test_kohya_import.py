@@ -350,3 +350,17 @@ def test_name_map_covers_every_naming(tiny_sdxl_pipeline):
         ("lora_te2_text_model_encoder_layers_2_mlp_fc1", "text_encoder_2", "te"),
     ]:
         assert (names[name].component, names[name].style) == (component, style)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("unet_naming", ["diffusers", "ldm"])
+def test_guess_architecture_from_names_alone(arch, unet_naming):
+    from loha_diffusion.formats.kohya import build_kohya_state_dict, parse_kohya_state_dict
+
+    unet = build_tiny_unet(arch)
+    inject_adapter(unet, unet_preset("attn"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers names for SDXL warn
+        state, _ = build_kohya_state_dict(unet=unet, unet_naming=unet_naming)
+    assert parse_kohya_state_dict(state).guess_architecture() == arch
+    assert parse_kohya_state_dict(state, {"ss_base_model_version": "sd_v2"}).guess_architecture() == "sd2"

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tempfile
 import time
@@ -242,8 +243,8 @@ class KohyaFile:
         return dict(Counter(m.prefix for m in self.modules.values()))
 
     def guess_architecture(self) -> str | None:
-        """ "sdxl", "sd2" or "sd1" from `ss_base_model_version`, else from the names (te1/te2 or LDM UNet names with
-        SDXL-only blocks mean SDXL); None when nothing tells."""
+        """The base model the file is for: "sdxl", "sd2" or "sd1" from `ss_base_model_version`, else from the
+        names (te2, SDXL-only blocks, or SD1-only blocks); None when nothing tells."""
         version = self.metadata.get("ss_base_model_version", "")
         if version.startswith("sdxl"):
             return "sdxl"
@@ -251,14 +252,21 @@ class KohyaFile:
             return "sd2"
         if version.startswith("sd_v1"):
             return "sd1"
-        prefixes = self.prefixes
-        if naming.TE2_PREFIX in prefixes or any(
-            "label_emb" in n or "add_embedding" in n for n in self.modules
-        ):
+        names = " ".join(self.modules)
+        if naming.TE2_PREFIX + "_" in names or _SDXL_ONLY.search(names):
             return "sdxl"
-        if naming.TE_PREFIX in prefixes:
+        if _SD1_ONLY.search(names) or naming.TE_PREFIX + "_text" in names:
             return "sd1"
         return None
+
+
+# Blocks only one of the two UNet layouts has (SDXL: 3 levels, no attention at level 0, up to 10 transformer
+# blocks per attention and the text-time embedding; SD1/SD2: 4 levels, attention at level 0, one block each).
+_SDXL_ONLY = re.compile(r"transformer_blocks_[1-9]|label_emb|add_embedding")
+_SD1_ONLY = re.compile(
+    r"(down|up)_blocks_3_|down_blocks_0_attentions|up_blocks_3_attentions|input_blocks_(1|2|10|11)_1_|"
+    r"input_blocks_1[01]_|output_blocks_(9|10|11)_"
+)
 
 
 def parse_kohya_state_dict(
