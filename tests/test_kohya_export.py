@@ -284,3 +284,13 @@ def test_argument_errors(tmp_path):
         and facts["unet_naming"] == "diffusers"
         and len(facts["adapters"]) == len(state) // 5
     )
+
+
+def test_text_encoder_only_sdxl_file_uses_te1(tmp_path):
+    te1 = build_tiny_text_encoder("sdxl", 1)
+    inject_adapter(te1, text_encoder_preset())
+    path = save_kohya(tmp_path / "te1.safetensors", text_encoder=te1, base_model_version="sdxl_base_v1-0")
+    kfile = read_kohya(path)
+    assert set(kfile.prefixes) == {"lora_te1"} and kfile.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    path = save_kohya(tmp_path / "te.safetensors", text_encoder=te1)  # no hint: SD1's single-encoder prefix
+    assert set(read_kohya(path).prefixes) == {"lora_te"}

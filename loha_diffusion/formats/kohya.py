@@ -676,14 +676,25 @@ def build_kohya_state_dict(
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float16,
     unet_naming: str = "auto",
+    base_model_version: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The Kohya tensors of adapter `adapter_name` (one dtype, contiguous, CPU) and facts for the metadata.
 
-    Raises one `KohyaFormatError` for everything a loader would silently mis-apply (see `save_kohya`)."""
+    The architecture comes from the UNet, else from `base_model_version` (so a text-encoder-only SDXL file
+    still gets `lora_te1_`). Raises one `KohyaFormatError` for everything a loader would silently mis-apply
+    (see `save_kohya`)."""
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, not {dtype}.")
     unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
     arch = naming.detect_architecture(unet) if unet is not None else None
+    if arch is None and unet is None and base_model_version:
+        arch = (
+            "sdxl"
+            if base_model_version.startswith("sdxl")
+            else "sd2"
+            if base_model_version.startswith("sd_v2")
+            else "sd1"
+        )
     parts = {
         "unet": _adapters_of(unet, adapter_name),
         "text_encoder": _adapters_of(text_encoder, adapter_name),
@@ -946,6 +957,7 @@ def save_kohya(
         adapter_name=adapter_name,
         dtype=dtype,
         unet_naming=unet_naming,
+        base_model_version=base_model_version,
     )
     meta = kohya_metadata(
         facts,
