@@ -321,6 +321,15 @@ def test_scale_and_name_arguments(tmp_path, tiny_sd1_pipeline, kohya_files):
         load_kohya(path, unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name="style")
     with pytest.raises(ValueError, match="at least one of"):
         load_kohya(path)
+    with pytest.raises(ValueError, match="may only contain"):
+        load_kohya(path, unet=pipe.unet, adapter_name="a.b")
+    empty = tmp_path / "empty.safetensors"
+    save_file({"other": torch.zeros(1)}, str(empty))
+    with pytest.raises(KohyaFormatError, match="no '<module>.<tensor>' form"):
+        load_kohya(empty, unet=pipe.unet)
+    save_file({"x.y": torch.zeros(1)}, str(empty))
+    with pytest.raises(KohyaFormatError, match="no LoHa, LoRA or LoKr tensors"):
+        load_kohya(empty, unet=pipe.unet)
     with pytest.raises(FileNotFoundError):
         load_kohya(tmp_path / "missing.safetensors", unet=pipe.unet)
     garbage = tmp_path / "garbage.safetensors"

@@ -513,11 +513,15 @@ def load_kohya(
     given = {k: m for k, m in models.items() if m is not None}
     if not given:
         raise ValueError("load_kohya needs at least one of unet=, text_encoder=, text_encoder_2=.")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
+        raise ValueError(f"adapter_name {adapter_name!r} may only contain letters, digits, '_' and '-'.")
     taken = [k for k, m in given.items() if adapter_name in adapter_names(m)]
     if taken:
         raise ValueError(
             f"Adapter name {adapter_name!r} is already used on {taken}; pick another adapter_name."
         )
+    if not kfile.modules and not kfile.problems:
+        raise KohyaFormatError(f"{source} holds no adapter modules (no '<module>.<tensor>' keys).")
 
     names = kohya_name_map(unet, text_encoder, text_encoder_2)
     bad_modules = [f"{m.name}: {p}" for m in kfile.modules.values() for p in m.problems]
