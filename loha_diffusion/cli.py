@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import textwrap
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,10 @@ def _load_pipeline(path: Path, dtype_name: str | None = None, device: str | None
     from diffusers import DiffusionPipeline
 
     kwargs = {"torch_dtype": _torch_dtype(dtype_name)} if dtype_name else {}
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renames torch_dtype to dtype; the old name works in every supported version.
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     if device:
         pipe.to(device)
     return pipe
