@@ -186,9 +186,10 @@ def reference_delta(tensors: dict[str, Any], alpha: float | None, weight_shape: 
         else:
             w2 = (t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1)).reshape(t["lokr_w2_a"].shape[0], -1, *kernel)
         if kernel and w2.dim() == 2:
-            w2 = w2.reshape(*w2.shape, *kernel)
+            w2 = w2.reshape(w2.shape[0], -1, *kernel)
         w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - 2)))
-        delta = torch.kron(w1, w2).reshape(weight_shape)
+        # torch.kron raises on some non-contiguous inputs (e.g. einsum outputs).
+        delta = torch.kron(w1.contiguous(), w2.contiguous()).reshape(weight_shape)
         ranks = [t[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in t]
         rank = ranks[-1] if ranks else None
         return delta * (alpha / rank if alpha is not None and rank else 1.0)

@@ -359,3 +359,43 @@ def test_adapter_argument_parsing():
     assert cli._parse_adapter_arg("a.safetensors") == (cli.Path("a.safetensors"), 1.0)
     assert cli._parse_adapter_arg("C:/x/a.safetensors") == (cli.Path("C:/x/a.safetensors"), 1.0)
     assert cli._parse_adapter_arg("C:/x/a.safetensors:-1") == (cli.Path("C:/x/a.safetensors"), -1.0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "tensors"),
+    [
+        # LoKr, full w1 and factorized w2 on a Linear (out 32 = 4·8, in 64 = 8·8)
+        ((32, 64), {"lokr_w1": (4, 8), "lokr_w2_a": (8, 2), "lokr_w2_b": (2, 8)}),
+        # LoKr, both halves factorized, flat w2 on a 3x3 conv
+        (
+            (16, 8, 3, 3),
+            {"lokr_w1_a": (4, 2), "lokr_w1_b": (2, 2), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 36)},
+        ),
+        # LoKr, CP w2 on a 3x3 conv (rank-first w2_a / w2_b)
+        (
+            (16, 8, 3, 3),
+            {"lokr_w1": (4, 2), "lokr_t2": (2, 2, 3, 3), "lokr_w2_a": (2, 4), "lokr_w2_b": (2, 4)},
+        ),
+        # LoKr, both halves full (scale 1 whatever alpha says)
+        ((16, 8, 1, 1), {"lokr_w1": (4, 2), "lokr_w2": (4, 4, 1, 1)}),
+        # LoRA with a Tucker core
+        (
+            (16, 8, 3, 3),
+            {
+                "lora_down.weight": (2, 8, 1, 1),
+                "lora_mid.weight": (2, 2, 3, 3),
+                "lora_up.weight": (16, 2, 1, 1),
+            },
+        ),
+    ],
+)
+def test_reference_delta_other_kinds(shape, tensors):
+    """verify's plain formula agrees with the library's rebuild for LoKr and Tucker LoRA modules."""
+    from loha_diffusion.formats.kohya import KohyaModule
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(*s, generator=gen) for k, s in tensors.items()}
+    kind = "lokr" if "lokr_w1" in tensors or "lokr_w1_a" in tensors else "lora"
+    module = KohyaModule(name="lora_unet_x", kind=kind, tensors=tensors, alpha=3.0)
+    expected = module.delta_weight(shape).double()
+    torch.testing.assert_close(cli.reference_delta(tensors, 3.0, shape), expected, rtol=1e-5, atol=1e-6)
