@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    unet = build_unet_from_config(full_size_unet_config("sd1"))
+    unet = build_unet_from_config(full_size_unet_config("sd1"), device="cpu")
     unet.requires_grad_(False)
     config = unet_preset("full", r=args.rank, alpha=args.rank, use_effective_conv2d=True, init_weights=False)
     sample = torch.randn(1, 4, args.latent, args.latent)
