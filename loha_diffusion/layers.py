@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from .adapters.base import Adapter, LayerSpec
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names become `nn.ModuleDict` keys: plain identifiers that are not `nn.Module` attributes."""
+    if (
+        not re.fullmatch(r"[A-Za-z0-9_\-]+", name)
+        or hasattr(nn.Module, name)
+        or name in ("base_layer", "adapters")
+    ):
+        raise ValueError(
+            f"Adapter name {name!r} is not allowed: use letters, digits, '_' or '-', and not a torch Module "
+            "attribute such as 'half', 'to' or 'train' (e.g. 'half_1')."
+        )
 
 
 class AdapterLayer(nn.Module):
@@ -53,6 +68,7 @@ class AdapterLayer(nn.Module):
 
     def add_adapter(self, name: str, adapter: Adapter, active: bool = True) -> None:
         """Attach `adapter` under `name`, on the base weight's device (its dtype is kept: fp32 factors)."""
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(
                 f"Adapter {name!r} already exists on this layer; delete it first or pick another name."

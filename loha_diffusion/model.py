@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 from torch import nn
 
 from .adapters import Adapter, LayerSpec, LoHaAdapter, LoRAAdapter
 from .config import AdapterConfig, LoHaConfig, LoRAConfig
-from .layers import AdapterLayer
+from .layers import AdapterLayer, check_adapter_name
 from .targeting import find_target_modules
 
 ADAPTER_CLASSES: dict[str, type[Adapter]] = {"loha": LoHaAdapter, "lora": LoRAAdapter}
@@ -106,8 +105,7 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = 
         raise ValueError(
             f"The model already has an adapter named {adapter_name!r}; pick another adapter_name."
         )
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
-        raise ValueError(f"adapter_name {adapter_name!r} may only contain letters, digits, '_' and '-'.")
+    check_adapter_name(adapter_name)
     targets = find_target_modules(model, config)
     save_targets = _modules_to_save_targets(model, config)
     adapters = {name: build_adapter(config, model.get_submodule(name), name) for name in targets}

@@ -279,3 +279,11 @@ def test_wrapped_layer_still_looks_like_its_base():
     proj = model.block["proj"]
     assert proj.in_features == 8 and proj.weight is proj.base_layer.weight
     assert model.block["conv"].kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize("name", ["half", "to", "train", "base_layer", "a.b", ""])
+def test_adapter_names_that_would_break_module_dicts_are_refused(name):
+    model = _net()
+    with pytest.raises(ValueError, match="not allowed"):
+        inject_adapter(model, _loha(), name)
+    assert not adapter_layers(model)
