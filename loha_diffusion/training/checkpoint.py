@@ -176,10 +176,16 @@ def export_kohya(
     )
 
 
-def export_peft(directory: str | Path, *, unet: nn.Module, text_encoder: nn.Module | None) -> Path:
-    """Write the PEFT-format folder(s): `<dir>/unet/` and, if trained, `<dir>/text_encoder/`."""
+def export_peft(
+    directory: str | Path, cfg: TrainConfig, *, unet: nn.Module, text_encoder: nn.Module | None
+) -> Path:
+    """Write the PEFT-format folder(s) (`<dir>/unet/`, and `<dir>/text_encoder/` if trained) in `save_precision`."""
     from ..formats.peft import save_peft
 
-    directory = Path(directory)
-    save_peft(directory, unet=unet, text_encoder=text_encoder, adapter_name=ADAPTER_NAME)
-    return directory
+    return save_peft(
+        directory,
+        unet=unet,
+        text_encoder=text_encoder,
+        adapter_name=ADAPTER_NAME,
+        dtype=SAVE_DTYPES[cfg.save_precision],
+    )

@@ -180,6 +180,8 @@ def _setup_logging(is_main: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s", level=logging.INFO if is_main else logging.ERROR
     )
     logging.getLogger("loha_diffusion").setLevel(logging.INFO if is_main else logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+    diffusers.utils.logging.disable_progress_bar()  # pipeline-loading bars would break the training bar
     if is_main:
         transformers.utils.logging.set_verbosity_warning()
         diffusers.utils.logging.set_verbosity_warning()
@@ -200,7 +202,11 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
 
     output_dir = Path(cfg.output_dir)
     logging_dir = output_dir / cfg.logging_dir
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
+        # Launched as several processes on a machine without GPUs: accelerate only joins them (gloo) with
+        # cpu=True; otherwise every process would silently train alone and write the same files.
+        cpu=world_size > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -208,6 +214,11 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         # Module dropout leaves whole adapters out of some steps; DDP must then look for unused parameters.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.module_dropout > 0)],
     )
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"launched as {world_size} processes but accelerate joined {accelerator.num_processes}; "
+            "check the launcher's settings (`accelerate config`)"
+        )
     is_main = accelerator.is_main_process
     _setup_logging(is_main)
 
@@ -234,7 +245,9 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     )
     for model in (vae, text_encoder, unet):
         model.requires_grad_(False)
-        model.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
     # Adapters are created in fp32 on the base layer's device (mixed precision keeps trainable weights fp32).
     inject_adapter(unet, unet_adapter_config(cfg))
     te_config = text_encoder_adapter_config(cfg)
@@ -530,7 +543,10 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         result.kohya_file = export(output_dir / f"{cfg.name}.safetensors", epoch + 1)
         if cfg.save_peft_format:
             result.peft_dir = export_peft(
-                output_dir / f"{cfg.name}_peft", unet=raw_unet, text_encoder=raw_te if te_config else None
+                output_dir / f"{cfg.name}_peft",
+                cfg,
+                unet=raw_unet,
+                text_encoder=raw_te if te_config else None,
             )
         validate(result.kohya_file)
     accelerator.wait_for_everyone()

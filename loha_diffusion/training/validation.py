@@ -83,7 +83,7 @@ class Validator:
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
-                torch_dtype=self.dtype,
+                dtype=self.dtype,
             ).to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
@@ -97,6 +97,9 @@ class Validator:
         if VALIDATION_ADAPTER in list_adapters(pipe):
             unload_adapter(pipe, VALIDATION_ADAPTER)
         load_adapter(pipe, adapter_file, adapter_name=VALIDATION_ADAPTER)
+        # Newly wrapped layers start in training mode; inference must not apply adapter dropout.
+        pipe.unet.eval()
+        pipe.text_encoder.eval()
         images = []
         for prompt in self.prompts:
             generator = torch.Generator("cpu").manual_seed(self.seed)
