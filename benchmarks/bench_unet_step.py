@@ -4,7 +4,7 @@ ours vs PEFT's LoHa vs LyCORIS's LoHa vs the frozen UNet (the floor: forward + b
 Same targets for all (attention, feed-forward, proj_in/out, resnet convs; the "full" preset), r=8, effective
 conv2d, fp32, batch 1. Runs interleaved in one process and prints medians and ratios. Needs ~12 GB of RAM.
 
-    python benchmarks/bench_unet_step.py --latent 32 --repeats 3
+    python benchmarks/bench_unet_step.py --latent 32 --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "lycoris"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     unet = build_unet_from_config(full_size_unet_config("sd1"), device="cpu")
