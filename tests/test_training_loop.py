@@ -237,3 +237,29 @@ def test_optional_packages_are_checked(tiny_sd1_pipeline_dir, tmp_path, capsys, 
     assert code == 2
     err = capsys.readouterr().err
     assert package in err and ("pip install" in err or "cannot run" in err)
+
+
+def test_lora_text_encoder_v_prediction_kohya_folders(tiny_sd1_pipeline_dir, tmp_path):
+    """LoRA on UNet + text encoder, v-prediction, kohya repeat folders: trains and exports what it says."""
+    import json
+
+    from loha_diffusion.formats.kohya import read_metadata
+
+    make_dataset(tmp_path / "data" / "3_sks circle", 2)
+    cfg = load_config(
+        base_flags(tiny_sd1_pipeline_dir, tmp_path / "data", tmp_path / "out")
+        + ["--algo", "lora", "--train_text_encoder", "--text_encoder_lr", "1e-3", "--v_parameterization"]
+        + ["--max_train_steps", "2", "--train_batch_size", "3", "--snr_gamma", "5", "--output_name", "combo"]
+    )
+    result = train(cfg)
+    assert result.global_step == 2
+    tensors = load_file(str(result.kohya_file))
+    assert any(
+        k.startswith("lora_te_text_model_encoder_layers_0_") and k.endswith("lora_down.weight")
+        for k in tensors
+    )
+    assert any(k.startswith("lora_unet_") and k.endswith("lora_up.weight") for k in tensors)
+    meta = read_metadata(result.kohya_file)
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"3_sks circle": {"n_repeats": 3, "img_count": 2}}
+    assert meta["ss_text_encoder_lr"] == "0.001"

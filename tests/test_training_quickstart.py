@@ -41,7 +41,10 @@ def test_quickstart_learns_and_exports(tiny_sd1_pipeline_dir, tmp_path, monkeypa
     assert meta["ss_network_module"] == "lycoris.kohya" and '"algo": "loha"' in meta["ss_network_args"]
     assert meta["ss_steps"] == str(cfg.max_train_steps)
     grids = sorted((tmp_path / "quickstart" / "validation").glob("step-*.png"))
-    assert [g.name for g in grids] == ["step-000100.png", "step-000200.png"]
+    every = cfg.validation_steps
+    assert [g.name for g in grids] == [
+        f"step-{s:06d}.png" for s in range(every, cfg.max_train_steps + 1, every)
+    ]
     assert list((tmp_path / "quickstart" / "logs").rglob("events.out.tfevents.*"))
     printed = capsys.readouterr().out
     assert str(result.kohya_file) in printed and "tensorboard --logdir" in printed

@@ -219,6 +219,8 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
             f"launched as {world_size} processes but accelerate joined {accelerator.num_processes}; "
             "check the launcher's settings (`accelerate config`)"
         )
+    if accelerator.distributed_type == "DEEPSPEED" and cfg.train_text_encoder:
+        raise ConfigError("train_text_encoder is not supported with DeepSpeed (it takes one model); use DDP")
     is_main = accelerator.is_main_process
     _setup_logging(is_main)
 
@@ -516,7 +518,8 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
                     step_file = export(
                         output_dir / f"{cfg.name}-step{global_step:08d}.safetensors", epoch + 1
                     )
-                if cfg.validation_steps and global_step % cfg.validation_steps == 0:
+                final = global_step >= schedule.max_train_steps  # the end of training validates anyway
+                if cfg.validation_steps and global_step % cfg.validation_steps == 0 and not final:
                     validate(step_file)
             if stop_at_step is not None and global_step >= stop_at_step:
                 progress.close()

@@ -150,9 +150,9 @@ def describe_adapters(model: nn.Module, prefix: str, save_precision: str) -> tup
             part.kinds[_layer_kind(layer.base_layer)] += 1
             part.effective_ranks.add(effective)
             total_params += numel
-            # Tensors, one 0-dim alpha per module, and ~120 header bytes per tensor (name, dtype, shape, offsets).
+            # Tensors, one 0-dim alpha per module, and ~160 header bytes per tensor (name, dtype, shape, offsets).
             tensors = len(adapter.state_tensors()) + 1
-            file_bytes += numel * _BYTES[save_precision] + 4 + 120 * tensors
+            file_bytes += numel * _BYTES[save_precision] + 4 + 160 * tensors
     return list(parts.values()), total_params, file_bytes
 
 
@@ -211,6 +211,8 @@ def setting_warnings(cfg: TrainConfig) -> list[str]:
         )
     if cfg.validation_steps and not cfg.validation_prompt:
         warnings.append("validation_steps is set but there is no validation_prompt: no validation images.")
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        warnings.append("lr_scheduler 'constant' ignores lr_warmup_steps; use 'constant_with_warmup'.")
     if cfg.max_grad_norm == 0:
         warnings.append(
             "max_grad_norm = 0 disables gradient clipping; LoHa is more stable with clipping (1.0)."
@@ -256,12 +258,12 @@ def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> s
         )
         + (", effective conv2d (CP)" if cfg.use_effective_conv2d else "")
         + f" on {cfg.pretrained_model_name_or_path}",
-        f"  {'part':<20} {'modules':>7} {'params':>12}  {'layers':<32} {rank_word}",
+        f"  {'part':<20} {'modules':>7} {'params':>12}  {'layers':<40} {rank_word}",
     ]
     for part in plan.parts:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(part.kinds.items()))
         ranks = "/".join(str(r) for r in sorted(part.effective_ranks))
-        lines.append(f"  {part.name:<20} {part.modules:>7} {part.parameters:>12,}  {kinds:<32} {ranks}")
+        lines.append(f"  {part.name:<20} {part.modules:>7} {part.parameters:>12,}  {kinds:<40} {ranks}")
     modules = sum(p.modules for p in plan.parts)
     lines.append(f"  {'total':<20} {modules:>7} {plan.trainable_parameters:>12,}")
     lines.append(f"Expected file size ({cfg.save_precision}): {_human_bytes(plan.file_bytes)}")
