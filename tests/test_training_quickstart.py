@@ -46,7 +46,9 @@ def test_quickstart_learns_and_exports(tiny_sd1_pipeline_dir, tmp_path, monkeypa
         f"step-{s:06d}.png" for s in range(every, cfg.max_train_steps + 1, every)
     ]
     assert list((tmp_path / "quickstart" / "logs").rglob("events.out.tfevents.*"))
-    assert [p.name for p in (tmp_path / "quickstart").glob("checkpoint-*")] == [f"checkpoint-{cfg.max_train_steps}"]
+    assert [p.name for p in (tmp_path / "quickstart").glob("checkpoint-*")] == [
+        f"checkpoint-{cfg.max_train_steps}"
+    ]
     printed = capsys.readouterr().out
     assert str(result.kohya_file) in printed and "tensorboard --logdir" in printed
 
