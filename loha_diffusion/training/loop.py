@@ -55,7 +55,8 @@ T = TypeVar("T")
 def load_with_hint(cfg: TrainConfig, loader: Callable[..., T]) -> T:
     """Call `loader(revision=...)`, turning "not found" errors into a `ConfigError` that says what to do."""
     path = cfg.pretrained_model_name_or_path
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
+    # "org/name" may be a hub id; a path whose first folder exists here (e.g. outputs/tiny-sd) is local.
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
     if looks_local and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(
             f"pretrained_model_name_or_path {path!r} does not exist. For the offline quick start create it with "
@@ -235,6 +236,9 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         on_bad_image=cfg.on_bad_image,
     )
     logger.info("data: %s", summary.describe())
+    # Config problems that need no model surface now, before minutes of loading.
+    unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
+    resume_path = resolve_resume_path(cfg)
 
     set_seed(cfg.seed)  # identical adapter init in every process
     models = load_models(cfg)
@@ -251,8 +255,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         if weight_dtype != torch.float32:
             model.to(dtype=weight_dtype)
     # Adapters are created in fp32 on the base layer's device (mixed precision keeps trainable weights fp32).
-    inject_adapter(unet, unet_adapter_config(cfg))
-    te_config = text_encoder_adapter_config(cfg)
+    inject_adapter(unet, unet_config)
     if te_config is not None:
         inject_adapter(text_encoder, te_config)
     if cfg.gradient_checkpointing:
@@ -318,7 +321,6 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         if cfg.report_to != "none":
             accelerator.init_trackers("loha_diffusion", config=_tracker_config(cfg))
 
-    resume_path = resolve_resume_path(cfg)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         geometry = (schedule.update_steps_per_epoch, schedule.total_batch_size, cfg.seed)
