@@ -96,6 +96,8 @@ def test_unknown_key_suggests_a_name(tmp_path):
         (["--mixed_precision", "fp8"], "mixed_precision"),
         (["--rank_pattern", "to_k"], "rank_pattern"),
         (["--gradient_checkpointing", "maybe"], "gradient_checkpointing"),
+        (["--rank", "4", "--network_dim", "8"], "both set rank"),
+        (["--seed", "1", "--seed", "2"], "both set seed"),
     ],
 )
 def test_bad_flags_name_the_flag(flags, key):

@@ -33,20 +33,23 @@ def make_dataset(folder: Path, n: int, size: int = 40) -> Path:
     return folder
 
 
-def base_flags(model_dir: Path, data_dir: Path, out: Path) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(model_dir),
-        "--train_data_dir", str(data_dir),
-        "--output_dir", str(out),
-        "--resolution", "32",
-        "--rank", "2",
-        "--preset", "attn",
-        "--learning_rate", "1e-2",
-        "--report_to", "none",
-        "--save_precision", "fp32",
-        "--save_peft_format", "false",
-        "--seed", "3",
-    ]  # fmt: skip
+def base_flags(model_dir: Path, data_dir: Path, out: Path, **overrides: str) -> list[str]:
+    """Small, fast settings for the tiny model; `overrides` replace or add flags (`rank="8"`)."""
+    settings = {
+        "pretrained_model_name_or_path": str(model_dir),
+        "train_data_dir": str(data_dir),
+        "output_dir": str(out),
+        "resolution": "32",
+        "rank": "2",
+        "preset": "attn",
+        "learning_rate": "1e-2",
+        "report_to": "none",
+        "save_precision": "fp32",
+        "save_peft_format": "false",
+        "seed": "3",
+        **overrides,
+    }
+    return [token for key, value in settings.items() for token in (f"--{key}", value)]
 
 
 def adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -97,7 +100,7 @@ def test_resume_is_bit_exact(tiny_sd1_pipeline_dir, tmp_path):
         "--snr_gamma", "5",
     ]  # fmt: skip
     straight_cfg = load_config(
-        base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "a") + extra + ["--save_peft_format"]
+        base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "a", save_peft_format="true") + extra
     )
     straight = train(straight_cfg)
     assert straight.global_step == 6 and straight.peft_dir is not None
@@ -188,10 +191,8 @@ def test_two_processes_equal_one(tiny_sd1_pipeline_dir, tmp_path):
 
 def test_dry_run_prints_plan(tiny_sd1_pipeline_dir, tmp_path, capsys):
     data = make_dataset(tmp_path / "data", 3)
-    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out")
-    code = main(
-        flags + ["--dry_run", "--preset", "full", "--rank", "64", "--alpha", "512", "--num_train_epochs", "2"]
-    )
+    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out", preset="full", rank="64", alpha="512")
+    code = main(flags + ["--dry_run", "--num_train_epochs", "2"])
     assert code == 0
     out = capsys.readouterr().out
     for text in (

@@ -473,6 +473,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reject_repeated_flags(argv: list[str]) -> None:
+    """argparse keeps the last of `--rank 4 --network_dim 8`; say so instead of silently dropping one."""
+    fields, aliases = _field_table()
+    seen: dict[str, str] = {}
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        flag = token[2:].split("=", 1)[0]
+        name = aliases.get(flag, flag)
+        if name not in fields:
+            continue
+        if name in seen:
+            raise ConfigError(f"--{flag} and --{seen[name]} both set {name}; give it once")
+        seen[name] = flag
+
+
 def load_config(
     argv: list[str] | None = None, *, toml_path: str | Path | None = None, **overrides: Any
 ) -> TrainConfig:
@@ -483,6 +499,7 @@ def load_config(
     """
     parser = build_arg_parser()
     args = vars(parser.parse_args(argv or []))
+    _reject_repeated_flags(argv or [])
     config_path = args.pop("config", None) or toml_path
     values: dict[str, Any] = read_toml(config_path) if config_path else {}
     hints = typing.get_type_hints(TrainConfig)
