@@ -46,6 +46,8 @@ class AdapterLayer(nn.Module):
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self.register_buffer("original_weight", None, persistent=False)
+        # Take the wrapped layer's mode: an adapter added to an eval-mode model must not apply dropout.
+        self.train(base_layer.training)
 
     # Code that inspects the wrapped layer (`.weight.dtype`, `.in_features`, ...) keeps working.
     @property
@@ -78,7 +80,7 @@ class AdapterLayer(nn.Module):
                 f"Adapter {name!r} was built for a {adapter.spec.op} weight {adapter.spec.weight_shape}, "
                 f"but this layer is a {self.spec.op} with weight {self.spec.weight_shape}."
             )
-        self.adapters[name] = adapter.to(self.base_layer.weight.device)
+        self.adapters[name] = adapter.to(self.base_layer.weight.device).train(self.training)
         if active and name not in self.active_adapters:
             self.active_adapters.append(name)
 

@@ -287,3 +287,14 @@ def test_adapter_names_that_would_break_module_dicts_are_refused(name):
     with pytest.raises(ValueError, match="not allowed"):
         inject_adapter(model, _loha(), name)
     assert not adapter_layers(model)
+
+
+def test_new_adapter_layers_take_the_mode_of_the_model():
+    model = _net().eval()
+    inject_adapter(model, _loha(rank_dropout=0.5, module_dropout=0.5))
+    assert all(not m.training for m in model.modules())
+    first = model(X)
+    assert all(torch.equal(model(X), first) for _ in range(5))  # no dropout in eval mode
+    model.train()
+    inject_adapter(model, _loha(target_modules=["proj"]), "second")
+    assert model.block["proj"].adapters["second"].training
