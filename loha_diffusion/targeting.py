@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import warnings
@@ -143,8 +144,6 @@ def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def _with_targets(config: AdapterConfig, targets: set[str]) -> AdapterConfig:
-    import copy
-
     config = copy.copy(config)
     config.target_modules = targets
     return config
