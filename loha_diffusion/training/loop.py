@@ -226,15 +226,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     _setup_logging(is_main)
 
     # Data first: bad data should stop the run before any model is loaded.
-    summary = scan_dataset(
-        cfg.train_data_dir,
-        resolution=cfg.resolution,
-        caption_extension=cfg.caption_extension,
-        image_column=cfg.image_column,
-        caption_column=cfg.caption_column,
-        on_missing_caption=cfg.on_missing_caption,
-        on_bad_image=cfg.on_bad_image,
-    )
+    summary = scan_training_data(cfg)
     logger.info("data: %s", summary.describe())
     # Config problems that need no model surface now, before minutes of loading.
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
@@ -582,11 +574,9 @@ def summary_text(result: TrainResult, cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
-def dry_run(cfg: TrainConfig) -> str:
-    """The `--dry_run` plan: checks the data and the model config, loads no weights."""
-    from accelerate import PartialState
-
-    summary = scan_dataset(
+def scan_training_data(cfg: TrainConfig):
+    """Check and summarise the training data as `cfg` describes it (errors name the file)."""
+    return scan_dataset(
         cfg.train_data_dir,
         resolution=cfg.resolution,
         caption_extension=cfg.caption_extension,
@@ -595,6 +585,13 @@ def dry_run(cfg: TrainConfig) -> str:
         on_missing_caption=cfg.on_missing_caption,
         on_bad_image=cfg.on_bad_image,
     )
+
+
+def dry_run(cfg: TrainConfig) -> str:
+    """The `--dry_run` plan: checks the data and the model config, loads no weights."""
+    from accelerate import PartialState
+
+    summary = scan_training_data(cfg)
     plan = build_plan(cfg, summary.num_samples, PartialState().num_processes)
     return format_plan(cfg, plan, summary.describe())
 
