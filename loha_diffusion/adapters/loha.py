@@ -12,8 +12,13 @@ from ..functional import loha as loha_fn
 from .base import Adapter, LayerSpec
 
 # Relative cost of one multiply-add in the thin rank-r² bypass matmuls against one in the big base-shaped
-# matmul of the merged form (thin GEMMs run below peak). Fitted with benchmarks/bench_layers.py.
+# matmul of the merged form (thin GEMMs run below peak). Over many tokens a Linear's thin matmuls run at about
+# half the speed of the square ones (CPU, fp32), so the penalty grows to BYPASS_MAC_PENALTY + LONG_LINEAR_PENALTY
+# at LONG_LINEAR_TOKENS positions; convs keep the base penalty (their merged form pays a slow weight-gradient
+# conv). Fitted with benchmarks/bench_layers.py.
 BYPASS_MAC_PENALTY = 1.3
+LONG_LINEAR_PENALTY = 0.7
+LONG_LINEAR_TOKENS = 4096
 # Elementwise passes over an out×in tensor per training step in the merged form (rebuild, grads, add).
 MERGED_ELEMENTWISE_PASSES = 12
 
@@ -96,7 +101,10 @@ class LoHaAdapter(Adapter):
             bypass = in_positions * r2 * in_ + positions * r2 * (r2 * k + out)
         else:
             bypass = positions * r2 * (in_ * k + out)
-        bypass *= BYPASS_MAC_PENALTY
+        penalty = BYPASS_MAC_PENALTY
+        if spec.op == "linear":
+            penalty += LONG_LINEAR_PENALTY * min(1.0, positions / LONG_LINEAR_TOKENS)
+        bypass *= penalty
         if torch.is_grad_enabled() and self.hada_w1_a.requires_grad:
             return 3 * bypass < positions * full + (8 * self.r + MERGED_ELEMENTWISE_PASSES) * full
         return bypass < (2 * self.r + 3) * full
