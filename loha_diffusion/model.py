@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, LayerSpec, LoHaAdapter, LoRAAdapter
+from .adapters.base import compare_tensors
 from .config import AdapterConfig, LoHaConfig, LoRAConfig
 from .layers import AdapterLayer, check_adapter_name
 from .targeting import find_target_modules
@@ -162,14 +163,7 @@ def set_adapter_state_dict(
 
     Strict: missing keys, unknown keys and wrong shapes raise one `ValueError` listing them, before any
     tensor is copied."""
-    own = get_adapter_state_dict(model, adapter_name)
-    missing = sorted(set(own) - set(state_dict))
-    unknown = sorted(set(state_dict) - set(own))
-    wrong = [
-        f"{k}: model {tuple(own[k].shape)} vs given {tuple(state_dict[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)
-    ]
+    missing, unknown, wrong = compare_tensors(get_adapter_state_dict(model, adapter_name), state_dict)
     if missing or unknown or wrong:
         lines = [f"Cannot load adapter {adapter_name!r}:"]
         for label, items in (

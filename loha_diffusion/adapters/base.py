@@ -92,6 +92,20 @@ class LayerSpec:
         return n
 
 
+def compare_tensors(
+    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """`(missing, unexpected, wrong_shapes)` of `given` against `expected`, names sorted, shapes described."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    return missing, unexpected, wrong
+
+
 class Adapter(nn.Module):
     """One adapter on one layer. Subclasses create their factors and implement `delta_weight`,
     `state_tensors` and `load_state_tensors`; kinds with a cheaper low-rank forward also implement
@@ -129,13 +143,7 @@ class Adapter(nn.Module):
         """Copy `tensors` (the names of `state_tensors`) into the factors; missing, extra or misshaped
         tensors raise a `ValueError` naming them."""
         own = self.state_tensors()
-        missing = sorted(set(own) - set(tensors))
-        extra = sorted(set(tensors) - set(own))
-        wrong = [
-            f"{k}: expected {tuple(own[k].shape)}, got {tuple(tensors[k].shape)}"
-            for k in own
-            if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)
-        ]
+        missing, extra, wrong = compare_tensors(own, tensors)
         if missing or extra or wrong:
             parts = []
             if missing:
