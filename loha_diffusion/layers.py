@@ -8,18 +8,31 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter, LayerSpec
+from .errors import AdapterNameError, AdapterNotFoundError
+
+
+# Names an adapter may not have: the wrapper's own attributes.
+RESERVED_ADAPTER_NAMES = ("base_layer", "adapters")
 
 
 def check_adapter_name(name: str) -> None:
-    """Adapter names become `nn.ModuleDict` keys: plain identifiers that are not `nn.Module` attributes."""
-    if (
-        not re.fullmatch(r"[A-Za-z0-9_\-]+", name)
-        or hasattr(nn.Module, name)
-        or name in ("base_layer", "adapters")
-    ):
-        raise ValueError(
-            f"Adapter name {name!r} is not allowed: use letters, digits, '_' or '-', and not a torch Module "
-            "attribute such as 'half', 'to' or 'train' (e.g. 'half_1')."
+    """The one adapter-name rule, checked wherever a name enters (injection, loading, pipelines) before
+    anything is wrapped.
+
+    Adapters live in `nn.ModuleDict`s keyed by name, so a name must be letters, digits, `_` or `-`, and not an
+    attribute of `nn.ModuleDict` (`half`, `to`, `train`, `keys`, `items`, ...), which the dict cannot hold.
+
+    Raises:
+        AdapterNameError: the name breaks the rule; the message suggests one that does not.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise AdapterNameError(
+            f"Adapter name {name!r} is not allowed: use only letters, digits, '_' and '-' (e.g. 'style_v2')."
+        )
+    if hasattr(nn.ModuleDict(), name) or name in RESERVED_ADAPTER_NAMES:
+        raise AdapterNameError(
+            f"Adapter name {name!r} is not allowed: it is the name of a torch Module attribute "
+            f"(like 'half', 'to', 'train' or 'keys'); pick another, e.g. {name + '_1'!r}."
         )
 
 
@@ -72,7 +85,7 @@ class AdapterLayer(nn.Module):
         """Attach `adapter` under `name`, on the base weight's device (its dtype is kept: fp32 factors)."""
         check_adapter_name(name)
         if name in self.adapters:
-            raise ValueError(
+            raise AdapterNameError(
                 f"Adapter {name!r} already exists on this layer; delete it first or pick another name."
             )
         if adapter.spec.weight_shape != self.spec.weight_shape or adapter.spec.op != self.spec.op:
@@ -103,7 +116,7 @@ class AdapterLayer(nn.Module):
         names = list(self.active_adapters if names is None else names)
         for name in names:
             if name not in self.adapters:
-                raise KeyError(f"No adapter {name!r} on this layer; have {list(self.adapters)}.")
+                raise AdapterNotFoundError(f"No adapter {name!r} on this layer; have {list(self.adapters)}.")
         merged = self.merged_adapters + [n for n in names if n not in self.merged_adapters]
         if not merged:
             return

@@ -131,6 +131,12 @@ class Adapter(nn.Module):
         """The factor ΔW is multiplied by: `alpha / r` times the user's `scale`."""
         return self.alpha / self.r * self.scale
 
+    @property
+    def effective_rank(self) -> int:
+        """The largest rank ΔW can have on this layer: `r` (LoHa: `r²`, the rank of a Hadamard product of two
+        rank-r matrices), capped by the weight's own rank `min(out, in·k)`."""
+        return min(self.r, self.spec.out_features, self.spec.in_features * self.spec.kernel_numel)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW shaped like the base weight, including `scaling`, in the factors' dtype, without dropout."""
         raise NotImplementedError

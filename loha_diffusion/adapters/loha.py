@@ -79,6 +79,13 @@ class LoHaAdapter(Adapter):
             names += ["hada_t1", "hada_t2"]
         return {n: getattr(self, n) for n in names}
 
+    @property
+    def effective_rank(self) -> int:
+        """`r²` (the Hadamard product of two rank-r matrices; FedPara, Hyeon-Woo et al. 2022, Prop. 1), capped
+        by the weight's rank `min(out, in·k)`."""
+        spec = self.spec
+        return min(self.r * self.r, spec.out_features, spec.in_features * spec.kernel_numel)
+
     def _factors(self) -> tuple[torch.Tensor, ...]:
         return self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.hada_t1, self.hada_t2
 
