@@ -970,21 +970,40 @@ def save_kohya(
         training_info=training_info,
         metadata=metadata,
     )
+    return write_kohya_file(path, state, meta, model_hash=model_hash)
+
+
+def write_kohya_file(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    model_hash: bool = True,
+) -> Path:
+    """Write a Kohya/LyCORIS `.safetensors` file: the one writer every path that writes such a file uses
+    (`save_kohya`, `loha-diffusion convert`).
+
+    `state_dict` holds contiguous CPU tensors under Kohya keys; `metadata` string values. With `model_hash`,
+    `sshs_model_hash` is set to A1111's hash of the tensor bytes (a stale `sshs_legacy_hash`, which depends on
+    the old bytes, is dropped). The bytes go to a temporary file in the same folder that is then renamed, so an
+    interrupted write never leaves a truncated adapter. Returns `path`.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    meta = dict(metadata)
+    meta.pop("sshs_legacy_hash", None)
     if model_hash:
         # The data section after the header does not depend on the metadata, so hash it first.
-        meta["sshs_model_hash"] = addnet_hash(safetensors_save(state))
-    data = safetensors_save(state, metadata=meta)
+        meta["sshs_model_hash"] = addnet_hash(safetensors_save(dict(state_dict)))
+    data = safetensors_save(dict(state_dict), metadata=meta)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary file and rename, so an interrupted save never leaves a truncated adapter.
     with tempfile.NamedTemporaryFile(
         dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
     ) as tmp:
         tmp.write(data)
     os.replace(tmp.name, path)
-    if model_hash and addnet_hash(data) != meta["sshs_model_hash"]:
-        raise RuntimeError(
-            "sshs_model_hash does not match the written tensor bytes (safetensors layout changed?)"
-        )
     return path
 
 
