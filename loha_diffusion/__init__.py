@@ -30,7 +30,18 @@ _EXPORTS = {
     "LoHaDiffusionError": ".errors",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "LoHaConfig",
+    "LoRAConfig",
+    "LoHaModel",
+    "inject_adapter",
+    "get_adapter_state_dict",
+    "set_adapter_state_dict",
+    "save_kohya",
+    "load_kohya",
+    "load_adapter",
+    "LoHaDiffusionError",
+]
 __version__ = "0.1.0"
 
 

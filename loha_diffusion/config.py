@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .errors import AdapterFileNotFoundError, ConfigError
+
 CONFIG_NAME = "adapter_config.json"
 
 # Keys PEFT writes into adapter_config.json that carry no meaning for us; accepted on load and ignored.
@@ -95,25 +97,25 @@ class AdapterConfig:
     def _validate(self) -> None:
         name = type(self).__name__
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"{name}.r must be an integer >= 1, got {self.r!r}.")
+            raise ConfigError(f"{name}.r must be an integer >= 1, got {self.r!r}.")
         for key in ("rank_dropout", "module_dropout"):
             value = getattr(self, key)
             if not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"{name}.{key} must be in [0, 1), got {value!r}.")
+                raise ConfigError(f"{name}.{key} must be in [0, 1), got {value!r}.")
         if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: `layers_pattern` is set but `layers_to_transform` is not; "
                 "set `layers_to_transform` to the layer indices to adapt, or drop `layers_pattern`."
             )
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}.rank_pattern[{key!r}] must be an integer >= 1, got {value!r}.")
+                raise ConfigError(f"{name}.rank_pattern[{key!r}] must be an integer >= 1, got {value!r}.")
         for pattern_name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, pattern_name):
                 try:
                     re.compile(key)
                 except re.error as err:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{name}.{pattern_name} key {key!r} is not a valid regex: {err}"
                     ) from None
 
@@ -141,23 +143,23 @@ class AdapterConfig:
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         """Build a config from a dict; on the base class, dispatch on `peft_type`.
 
-        Unknown keys raise a `ValueError` naming them (PEFT bookkeeping keys such as `task_type` are accepted).
+        Unknown keys raise a `ConfigError` (a `ValueError`) naming them (PEFT bookkeeping keys such as `task_type` are accepted).
         """
         data = dict(data)
         if cls is AdapterConfig:
             peft_type = str(data.get("peft_type", "")).upper()
             by_type = {c.peft_type: c for c in (LoHaConfig, LoRAConfig)}
             if peft_type not in by_type:
-                raise ValueError(
+                raise ConfigError(
                     f"Unknown adapter peft_type {data.get('peft_type')!r}; expected one of {sorted(by_type)}."
                 )
             return by_type[peft_type].from_dict(data)
         if "peft_type" in data and str(data["peft_type"]).upper() != cls.peft_type:
-            raise ValueError(f"{cls.__name__} cannot load a config with peft_type {data['peft_type']!r}.")
+            raise ConfigError(f"{cls.__name__} cannot load a config with peft_type {data['peft_type']!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in data if k not in known and k not in _PEFT_BOOKKEEPING_KEYS)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown {cls.__name__} field(s): {', '.join(unknown)}. Known fields: {', '.join(sorted(known))}."
             )
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -176,13 +178,13 @@ class AdapterConfig:
         if path.is_dir():
             path = path / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(
+            raise AdapterFileNotFoundError(
                 f"No adapter config at {path}; expected a directory holding {CONFIG_NAME}."
             )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
         return cls.from_dict(data)
 
 

@@ -18,7 +18,9 @@ class LoHaDiffusionError(ValueError):
 
 
 class ConfigError(LoHaDiffusionError):
-    """A training setting is unknown, has the wrong type or an invalid value; the message names the key."""
+    """A setting is unknown, has the wrong type or an invalid value: a field of an adapter config
+    (`LoHaConfig`, `target_modules` that match nothing, ...), a training setting or a flag. The message names
+    the key and the fix."""
 
 
 class DataError(LoHaDiffusionError):
@@ -47,6 +49,11 @@ class AdapterNotFoundError(LoHaDiffusionError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its message (repr); this is a sentence for people.
         return str(self.args[0]) if self.args else ""
+
+
+class AdapterStateError(LoHaDiffusionError):
+    """Adapter tensors that do not fit: missing, unknown or misshaped keys of a state dict, or an adapter
+    built for another layer. The message lists every problem."""
 
 
 class AdapterMergedError(LoHaDiffusionError, RuntimeError):

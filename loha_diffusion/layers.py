@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter, LayerSpec
-from .errors import AdapterNameError, AdapterNotFoundError
-
+from .errors import AdapterNameError, AdapterNotFoundError, AdapterStateError
 
 # Names an adapter may not have: the wrapper's own attributes.
 RESERVED_ADAPTER_NAMES = ("base_layer", "adapters")
@@ -89,7 +88,7 @@ class AdapterLayer(nn.Module):
                 f"Adapter {name!r} already exists on this layer; delete it first or pick another name."
             )
         if adapter.spec.weight_shape != self.spec.weight_shape or adapter.spec.op != self.spec.op:
-            raise ValueError(
+            raise AdapterStateError(
                 f"Adapter {name!r} was built for a {adapter.spec.op} weight {adapter.spec.weight_shape}, "
                 f"but this layer is a {self.spec.op} with weight {self.spec.weight_shape}."
             )

@@ -1,4 +1,10 @@
-"""Put adapters into a model and manage them: injection, state dicts, scales, merge/unmerge, unload."""
+"""Put adapters into a model and manage them: injection, state dicts, scales, merge/unmerge, delete, unload.
+
+Words (one meaning each, as in PEFT): *merge* bakes adapters into the base weights and *unmerge* restores the
+exact originals (diffusers and `pipeline.py` call these *fuse* / *unfuse*); *delete* removes one adapter and keeps
+the others; *unload* removes every adapter and returns the plain model (`merge_and_unload` merges first).
+`scale` is the user multiplier of an adapter, `scaling` = alpha / r × scale is what ΔW is multiplied by.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,14 @@ from torch import nn
 from .adapters import Adapter, LayerSpec, LoHaAdapter, LoRAAdapter
 from .adapters.base import compare_tensors
 from .config import AdapterConfig, LoHaConfig, LoRAConfig
+from .errors import (
+    AdapterMergedError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    ConfigError,
+    format_problems,
+)
 from .layers import AdapterLayer, check_adapter_name
 from .targeting import find_target_modules
 
@@ -64,11 +78,19 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def add_adapter(model: nn.Module, module_name: str, adapter_name: str, adapter: Adapter) -> AdapterLayer:
-    """Attach a ready `adapter` to the module at `module_name`, wrapping it in an `AdapterLayer` if needed."""
+    """Attach a ready `adapter` to the module at `module_name`, wrapping it in an `AdapterLayer` if needed.
+
+    Raises:
+        AdapterNameError: `adapter_name` breaks the name rule (`layers.check_adapter_name`) or is taken there;
+            checked before the module is wrapped.
+        ConfigError: the model has no module `module_name`.
+        AdapterStateError: `adapter` was built for another weight shape.
+    """
+    check_adapter_name(adapter_name)
     try:
         module = model.get_submodule(module_name)
     except AttributeError:
-        raise ValueError(f"{type(model).__name__} has no module {module_name!r}.") from None
+        raise ConfigError(f"{type(model).__name__} has no module {module_name!r}.") from None
     if not isinstance(module, AdapterLayer):
         module = AdapterLayer(module)
         _set_module(model, module_name, module)
@@ -77,7 +99,8 @@ def add_adapter(model: nn.Module, module_name: str, adapter_name: str, adapter: 
 
 
 def build_adapter(config: AdapterConfig, module: nn.Module, module_name: str) -> Adapter:
-    """The adapter `config` asks for on `module` (rank and alpha resolved through the patterns)."""
+    """The adapter `config` asks for on `module` (rank and alpha resolved through the patterns), with fp32
+    factors (float64 for a float64 layer) on the layer's device."""
     base = module.base_layer if isinstance(module, AdapterLayer) else module
     adapter_cls = ADAPTER_CLASSES[config.kind]
     adapter = adapter_cls(
@@ -99,14 +122,23 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = 
 
     Matched modules are wrapped in `AdapterLayer`s (a module already wrapped gets one more adapter); the
     base model is frozen and only the new adapter's factors (and `modules_to_save` copies) are trainable.
-    All checks run before the model is changed."""
+    Factors are fp32 (float64 on a float64 model) on each layer's device, whatever the base dtype.
+
+    All checks run before the model is changed (as PEFT's `BaseTuner.inject_adapter`): a refused call leaves
+    the module tree and every weight as they were.
+
+    Raises:
+        TypeError: `config` is not a `LoHaConfig` / `LoRAConfig`.
+        AdapterNameError: the name breaks the rule of `layers.check_adapter_name` or is already used.
+        ConfigError: `target_modules` / `modules_to_save` match nothing (the message names close module names).
+    """
     if not isinstance(config, (LoHaConfig, LoRAConfig)):
         raise TypeError(f"config must be a LoHaConfig or LoRAConfig, got {type(config).__name__}.")
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
-        raise ValueError(
+        raise AdapterNameError(
             f"The model already has an adapter named {adapter_name!r}; pick another adapter_name."
         )
-    check_adapter_name(adapter_name)
     targets = find_target_modules(model, config)
     save_targets = _modules_to_save_targets(model, config)
     adapters = {name: build_adapter(config, model.get_submodule(name), name) for name in targets}
@@ -134,13 +166,20 @@ def _modules_to_save_targets(model: nn.Module, config: AdapterConfig) -> list[st
     found = [n for n in names if any(n == m or n.endswith("." + m) for m in config.modules_to_save)]
     missing = [m for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in found)]
     if missing:
-        raise ValueError(f"modules_to_save entries match no module of {type(model).__name__}: {missing}.")
+        raise ConfigError(f"modules_to_save entries match no module of {type(model).__name__}: {missing}.")
     return found
 
 
 def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of adapter `adapter_name`, keyed `<module path>.<tensor name>` as PEFT's
-    `get_peft_model_state_dict` keys them (e.g. `...attn1.to_q.hada_w1_a`)."""
+    `get_peft_model_state_dict` keys them (e.g. `...attn1.to_q.hada_w1_a`).
+
+    The tensors are the live factors, detached (no copy): shapes as the adapter classes document them
+    (LoHa `hada_w1_a (out, r)`, ...), fp32 unless the model is float64, on the model's device.
+
+    Raises:
+        AdapterNotFoundError: the model has no adapter `adapter_name` (also a `KeyError`).
+    """
     state: dict[str, torch.Tensor] = {}
     for path, layer in adapter_layers(model).items():
         if adapter_name in layer.adapters:
@@ -152,7 +191,9 @@ def get_adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> d
                 # PEFT saves the trainable copy under the wrapped module's own path (`head.weight`).
                 state[f"{path}.{key}"] = tensor.detach()
     if not state:
-        raise KeyError(f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}.")
+        raise AdapterNotFoundError(
+            f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}."
+        )
     return state
 
 
@@ -161,20 +202,21 @@ def set_adapter_state_dict(
 ) -> None:
     """Load `state_dict` (keys as `get_adapter_state_dict` gives them) into adapter `adapter_name`.
 
-    Strict: missing keys, unknown keys and wrong shapes raise one `ValueError` listing them, before any
-    tensor is copied."""
+    Strict: missing keys, unknown keys and wrong shapes raise one error listing them, before any tensor is
+    copied. Tensors are copied into the factors' dtype and device.
+
+    Raises:
+        AdapterNotFoundError: the model has no adapter `adapter_name`.
+        AdapterStateError: missing, unknown or misshaped keys (all listed).
+    """
     missing, unknown, wrong = compare_tensors(get_adapter_state_dict(model, adapter_name), state_dict)
     if missing or unknown or wrong:
-        lines = [f"Cannot load adapter {adapter_name!r}:"]
-        for label, items in (
-            ("missing keys", missing),
-            ("unknown keys", unknown),
-            ("shape mismatches", wrong),
-        ):
-            if items:
-                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                lines.append(f"  {len(items)} {label}: {', '.join(items[:5])}{more}")
-        raise ValueError("\n".join(lines))
+        raise AdapterStateError(
+            format_problems(
+                f"Cannot load adapter {adapter_name!r}:",
+                [("missing keys", missing), ("unknown keys", unknown), ("shape mismatches", wrong)],
+            )
+        )
     with torch.no_grad():
         for path, layer in adapter_layers(model).items():
             if adapter_name in layer.adapters:
@@ -191,23 +233,34 @@ def set_adapter_state_dict(
 
 def _require_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name not in adapter_names(model):
-        raise KeyError(f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}.")
+        raise AdapterNotFoundError(
+            f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}."
+        )
 
 
 def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
-    """Multiply adapter `adapter_name`'s delta by `scale` (1.0 = as trained; PEFT's `set_scale`)."""
+    """Multiply adapter `adapter_name`'s delta by `scale` (1.0 = as trained; PEFT's `set_scale`).
+
+    Raises:
+        AdapterNotFoundError: no such adapter.
+        AdapterMergedError: the adapter is merged (its scale is baked into the weights); unmerge first.
+    """
     _require_adapter(model, adapter_name)
     for layer in adapter_layers(model).values():
         if adapter_name in layer.adapters:
             if adapter_name in layer.merged_adapters:
-                raise RuntimeError(
+                raise AdapterMergedError(
                     f"Adapter {adapter_name!r} is merged; unmerge it before changing its scale."
                 )
             layer.adapters[adapter_name].scale = float(scale)
 
 
 def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
-    """Make exactly `names` the adapters that run in forward (the others stay loaded)."""
+    """Make exactly `names` the adapters that run in forward (the others stay loaded).
+
+    Raises:
+        AdapterNotFoundError: a name is not an adapter of the model (nothing is changed).
+    """
     names = [names] if isinstance(names, str) else list(names)
     for name in names:
         _require_adapter(model, name)
@@ -233,7 +286,13 @@ def disable_adapters(model: nn.Module) -> None:
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
-    """Bake adapters (default: the active ones) into the base weights; `unmerge_adapters` undoes it exactly."""
+    """Bake adapters (default: the active ones) into the base weights; `unmerge_adapters` undoes it exactly.
+
+    The merged weight is computed in fp32 from the kept original and rounded once to the base dtype.
+
+    Raises:
+        AdapterNotFoundError: a name is not an adapter of the model (nothing is merged).
+    """
     for name in adapter_names or []:
         _require_adapter(model, name)
     for layer in adapter_layers(model).values():
@@ -248,7 +307,12 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove adapter `adapter_name`; layers left without adapters go back to their plain base module."""
+    """Remove adapter `adapter_name` (unmerging it first); layers left without adapters go back to their plain
+    base module.
+
+    Raises:
+        AdapterNotFoundError: no such adapter.
+    """
     _require_adapter(model, adapter_name)
     for path, layer in adapter_layers(model).items():
         if adapter_name in layer.adapters:

@@ -5,6 +5,10 @@ Works on any pipeline object with a `unet` and `text_encoder` / `text_encoder_2`
 (`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`,
 `StableDiffusionXLPipeline`, ...). The adapters are submodules of those components, so `pipe.to(...)`,
 `enable_model_cpu_offload()` and dtype casts move them along with the weights they modify.
+
+Words, as diffusers uses them: *fuse* / *unfuse* bake adapters into the weights and restore the exact originals
+(`model.merge_adapters` / `unmerge_adapters` underneath); *delete_adapter* removes one adapter; *unload* removes
+all of them. `scale` is an adapter's strength (the user multiplier, 1.0 = as trained).
 """
 
 from __future__ import annotations
@@ -17,13 +21,27 @@ from typing import Any
 from torch import nn
 
 from . import model as core
+from .errors import (
+    AdapterFileNotFoundError,
+    AdapterMergedError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    LoHaDiffusionError,
+)
+from .formats.kohya import load_kohya
+from .formats.peft import load_peft
+from .layers import check_adapter_name
 
 # Pipeline attributes that can hold adapters, in the order Kohya files list them.
 ADAPTER_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def adapter_components(pipe: Any) -> dict[str, nn.Module]:
-    """The pipeline's components that can carry adapters (`unet`, `text_encoder`, `text_encoder_2`), those present."""
+    """The pipeline's components that can carry adapters (`unet`, `text_encoder`, `text_encoder_2`), those present.
+
+    Raises:
+        TypeError: the pipeline has no `unet` module (not a Stable Diffusion pipeline).
+    """
     found = {name: getattr(pipe, name, None) for name in ADAPTER_COMPONENTS}
     found = {name: module for name, module in found.items() if isinstance(module, nn.Module)}
     if "unet" not in found:
@@ -47,31 +65,20 @@ def _require_adapters(pipe: Any, names: list[str]) -> dict[str, list[str]]:
     loaded = list_adapters(pipe)
     unknown = [n for n in names if n not in loaded]
     if unknown:
-        raise KeyError(f"No adapter named {unknown} in this pipeline; loaded adapters: {sorted(loaded)}.")
+        raise AdapterNotFoundError(
+            f"No adapter named {unknown} in this pipeline; loaded adapters: {sorted(loaded)}."
+        )
     return loaded
 
 
-def _is_reserved(name: str) -> bool:
-    # Adapters live in an nn.ModuleDict, which cannot hold a key that is also a Module attribute
-    # ("half", "to", "train", ...): adding one fails halfway through wrapping the layers.
-    return hasattr(nn.ModuleDict(), name)
-
-
-def _check_adapter_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise ValueError(f"adapter_name {name!r} may only contain letters, digits, '_' and '-'.")
-    if _is_reserved(name):
-        raise ValueError(
-            f"adapter_name {name!r} is the name of a torch Module attribute; pick another (e.g. {name + '_1'!r})."
-        )
-
-
 def _default_adapter_name(path: Path, taken: dict[str, list[str]]) -> str:
-    """A name from the file name (letters, digits, `_`, `-`), made unique with a numeric suffix."""
+    """A name from the file name that passes `check_adapter_name`, made unique with a numeric suffix."""
     stem = path.name.removesuffix(".safetensors") if path.is_file() else path.name
     base = re.sub(r"[^A-Za-z0-9_\-]+", "_", stem).strip("_") or "adapter"
-    if _is_reserved(base):
-        base += "_1"
+    try:
+        check_adapter_name(base)
+    except AdapterNameError:
+        base += "_1"  # a torch Module attribute such as "half"
     name, n = base, 2
     while name in taken:
         name, n = f"{base}_{n}", n + 1
@@ -84,31 +91,36 @@ def load_adapter(
     """Load a Kohya/LyCORIS `.safetensors` file (LoHa, LoRA/LoCon, LoKr) or a PEFT-format folder into the
     pipeline's UNet and text encoder(s), unmerged and active, and return the adapter's name.
 
-    The name defaults to the file name. Every key must map to a module of this pipeline with the right shapes;
-    otherwise one error lists the problems and the pipeline is left unchanged."""
+    The name defaults to the file name. The adapter's factors are kept in fp32 on each component's device
+    (its delta is cast to the component's dtype when applied); `scale` is its strength (1.0 = as trained).
+    Every key must map to a module of this pipeline with the right shapes; otherwise one error lists the
+    problems and the pipeline is left unchanged (module tree and weights identical).
+
+    Raises:
+        AdapterFileNotFoundError: `path` does not exist (also a `FileNotFoundError`).
+        AdapterNameError: `adapter_name` breaks the name rule (`layers.check_adapter_name`) or is taken.
+        KohyaFormatError / PeftFormatError: the file does not fit this pipeline or is malformed (all listed).
+        LoHaDiffusionError: `path` is neither a `.safetensors` file nor a PEFT folder.
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Adapter file {str(path)!r} does not exist.")
+        raise AdapterFileNotFoundError(f"Adapter file {str(path)!r} does not exist.")
     components = adapter_components(pipe)
     loaded = list_adapters(pipe)
     if adapter_name is None:
         adapter_name = _default_adapter_name(path, loaded)
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     if adapter_name in loaded:
-        raise ValueError(
+        raise AdapterNameError(
             f"The pipeline already has an adapter named {adapter_name!r}; pass another adapter_name "
-            f"or unload_adapter(pipe, {adapter_name!r}) first."
+            f"or delete_adapter(pipe, {adapter_name!r}) first."
         )
     if path.is_dir():
-        from .formats.peft import load_peft
-
         load_peft(path, adapter_name=adapter_name, scale=scale, **components)
     elif path.suffix == ".safetensors":
-        from .formats.kohya import load_kohya
-
         load_kohya(path, adapter_name=adapter_name, scale=scale, **components)
     else:
-        raise ValueError(
+        raise LoHaDiffusionError(
             f"{str(path)!r} is neither a .safetensors file (Kohya/LyCORIS format) nor a folder with "
             "adapter_config.json (PEFT format)."
         )
@@ -118,7 +130,12 @@ def load_adapter(
 def set_adapter_scales(pipe: Any, scales: dict[str, float]) -> None:
     """Set the strength of each named adapter (1.0 = as trained, 0 = off); e.g. `{"style": 0.8, "face": 0.5}`.
 
-    Fused adapters cannot change scale: call `unfuse(pipe)` first."""
+    Fused adapters cannot change scale: call `unfuse(pipe)` first.
+
+    Raises:
+        AdapterNotFoundError: a name is not loaded (no scale is changed).
+        AdapterMergedError: an adapter is fused (no scale is changed).
+    """
     loaded = _require_adapters(pipe, list(scales))
     components = adapter_components(pipe)
     # Check every adapter before changing any, so a refused call leaves all scales as they were.
@@ -126,7 +143,7 @@ def set_adapter_scales(pipe: Any, scales: dict[str, float]) -> None:
         for component in loaded[name]:
             for layer in core.adapter_layers(components[component]).values():
                 if name in layer.merged_adapters:
-                    raise RuntimeError(
+                    raise AdapterMergedError(
                         f"Adapter {name!r} is fused; call unfuse(pipe) before changing its scale."
                     )
     for name, scale in scales.items():
@@ -135,7 +152,11 @@ def set_adapter_scales(pipe: Any, scales: dict[str, float]) -> None:
 
 
 def set_active_adapters(pipe: Any, names: list[str] | str) -> None:
-    """Run exactly the adapters `names` (others stay loaded but inactive); several active adapters add up."""
+    """Run exactly the adapters `names` (others stay loaded but inactive); several active adapters add up.
+
+    Raises:
+        AdapterNotFoundError: a name is not loaded (nothing is changed).
+    """
     names = [names] if isinstance(names, str) else list(names)
     _require_adapters(pipe, names)
     for module in adapter_components(pipe).values():
@@ -155,21 +176,45 @@ def enable_adapters(pipe: Any) -> None:
         core.enable_adapters(module)
 
 
-def unload_adapter(pipe: Any, name: str | None = None) -> None:
-    """Remove adapter `name` (default: all of them), restoring the original modules and weights."""
-    components = adapter_components(pipe)
-    if name is None:
-        for module in components.values():
-            core.unload(module)
-        return
+def delete_adapter(pipe: Any, name: str) -> None:
+    """Remove adapter `name` from every component (unfusing it first); the other adapters stay loaded.
+
+    Raises:
+        AdapterNotFoundError: `name` is not loaded.
+    """
     loaded = _require_adapters(pipe, [name])
+    components = adapter_components(pipe)
     for component in loaded[name]:
         core.delete_adapter(components[component], name)
 
 
+def unload(pipe: Any) -> None:
+    """Remove every adapter, restoring the original modules and exact original weights (diffusers'
+    `unload_lora_weights`)."""
+    for module in adapter_components(pipe).values():
+        core.unload(module)
+
+
+def unload_adapter(pipe: Any, name: str | None = None) -> None:
+    """Older name: `delete_adapter(pipe, name)`, or `unload(pipe)` when `name` is None.
+
+    Raises:
+        AdapterNotFoundError: `name` is not loaded.
+    """
+    if name is None:
+        unload(pipe)
+    else:
+        delete_adapter(pipe, name)
+
+
 def fuse(pipe: Any, adapter_names: list[str] | None = None) -> None:
     """Bake adapters (default: the active ones, at their current scales) into the weights for the fastest
-    inference. The original weights are kept, so `unfuse` restores them bit for bit."""
+    inference (diffusers' `fuse_lora`; `model.merge_adapters` underneath). The merge is computed in fp32 and
+    rounded once to each weight's dtype; the original weights are kept, so `unfuse` restores them bit for bit.
+
+    Raises:
+        AdapterNotFoundError: a name is not loaded (nothing is fused).
+    """
     if adapter_names is not None:
         _require_adapters(pipe, adapter_names)
     for module in adapter_components(pipe).values():
@@ -183,7 +228,8 @@ def fuse(pipe: Any, adapter_names: list[str] | None = None) -> None:
 
 
 def unfuse(pipe: Any) -> None:
-    """Restore the exact original weights of every fused layer; the adapters stay loaded and active."""
+    """Restore the exact original weights of every fused layer; the adapters stay loaded and active
+    (diffusers' `unfuse_lora`; `model.unmerge_adapters` underneath)."""
     for module in adapter_components(pipe).values():
         core.unmerge_adapters(module)
 

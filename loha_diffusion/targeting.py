@@ -11,6 +11,8 @@ from typing import Literal
 from torch import nn
 
 from .config import AdapterConfig, LoHaConfig, LoRAConfig
+from .errors import ConfigError
+from .layers import AdapterLayer
 
 ADAPTABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -72,8 +74,6 @@ def module_matches(config: AdapterConfig, key: str) -> bool | _Excluded:
 
 def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Named modules, without the internals of existing adapter layers (their base layers and factors)."""
-    from .layers import AdapterLayer
-
     inside = [name for name, m in model.named_modules() if isinstance(m, AdapterLayer)]
     return {
         name: module
@@ -83,8 +83,6 @@ def _candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _all_linear(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
-    from .layers import AdapterLayer
-
     names = {
         name
         for name, m in modules.items()
@@ -102,10 +100,8 @@ def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
 
     Raises a `ValueError` when nothing matches (naming the closest module names) or when a matched module
     is not a Linear/Conv1d/Conv2d; warns about list entries that match no module."""
-    from .layers import AdapterLayer
-
     if config.target_modules is None:
-        raise ValueError(
+        raise ConfigError(
             "target_modules is None: a diffusion model has no default targets. Set target_modules "
             "(e.g. ['to_q', 'to_k', 'to_v', 'to_out.0']) or build the config with unet_preset()/text_encoder_preset()."
         )
@@ -122,14 +118,14 @@ def find_target_modules(model: nn.Module, config: AdapterConfig) -> list[str]:
             else:
                 unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
-        raise ValueError(
+        raise ConfigError(
             "target_modules matched modules that are not Linear/Conv1d/Conv2d: "
             + ", ".join(unsupported[:5])
             + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
             + ". Target their Linear/Conv children instead (e.g. 'to_out.0', not 'to_out')."
         )
     if not matched:
-        raise ValueError(_no_match_message(config, list(modules)))
+        raise ConfigError(_no_match_message(config, list(modules)))
     if not isinstance(config.target_modules, str):
         unused = [
             t
@@ -193,7 +189,7 @@ def unet_preset(
     k×k convs get `conv_r`/`conv_alpha` (Kohya's conv_dim/conv_alpha, default `r`/`alpha`) through
     `rank_pattern`/`alpha_pattern`; Linear and 1×1 convs get `r`/`alpha`."""
     if preset not in ("attn", "attn_ff", "full"):
-        raise ValueError(f"Unknown UNet preset {preset!r}; choose 'attn', 'attn_ff' or 'full'.")
+        raise ConfigError(f"Unknown UNet preset {preset!r}; choose 'attn', 'attn_ff' or 'full'.")
     targets = list(UNET_ATTENTION)
     if preset in ("attn_ff", "full"):
         targets += UNET_TRANSFORMER_EXTRA
@@ -210,7 +206,7 @@ def unet_preset(
             if conv_alpha != alpha:
                 alpha_pattern.setdefault(key, conv_alpha)
     elif conv_r is not None or conv_alpha is not None:
-        raise ValueError(f"conv_r/conv_alpha only apply to the 'full' preset (convs are not in {preset!r}).")
+        raise ConfigError(f"conv_r/conv_alpha only apply to the 'full' preset (convs are not in {preset!r}).")
     config_cls = _config_class(algo)
     return config_cls(
         r=r,
@@ -233,5 +229,5 @@ def text_encoder_preset(
 def _config_class(algo: str) -> type[LoHaConfig] | type[LoRAConfig]:
     classes = {"loha": LoHaConfig, "lora": LoRAConfig}
     if algo not in classes:
-        raise ValueError(f"Unknown algo {algo!r}; choose 'loha' or 'lora'.")
+        raise ConfigError(f"Unknown algo {algo!r}; choose 'loha' or 'lora'.")
     return classes[algo]
