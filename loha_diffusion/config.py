@@ -173,7 +173,12 @@ class AdapterConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> AdapterConfig:
-        """Read `adapter_config.json` from `directory` (or a path to the JSON file itself)."""
+        """Read `adapter_config.json` from `directory` (or a path to the JSON file itself).
+
+        Raises:
+            AdapterFileNotFoundError: no such file (also a `FileNotFoundError`).
+            ConfigError: the file is not valid JSON, has unknown keys or invalid values.
+        """
         path = Path(directory)
         if path.is_dir():
             path = path / CONFIG_NAME

@@ -81,7 +81,12 @@ class AdapterLayer(nn.Module):
     # -- adapters ----------------------------------------------------------------------------------
 
     def add_adapter(self, name: str, adapter: Adapter, active: bool = True) -> None:
-        """Attach `adapter` under `name`, on the base weight's device (its dtype is kept: fp32 factors)."""
+        """Attach `adapter` under `name`, on the base weight's device (its dtype is kept: fp32 factors).
+
+        Raises:
+            AdapterNameError: the name breaks `check_adapter_name` or is already used on this layer.
+            AdapterStateError: `adapter` was built for another op or weight shape.
+        """
         check_adapter_name(name)
         if name in self.adapters:
             raise AdapterNameError(
@@ -111,7 +116,11 @@ class AdapterLayer(nn.Module):
         """Bake adapters `names` (default: the active ones) into the base weight.
 
         The new weight is computed from the kept original in fp32, so merging more adapters later never
-        accumulates rounding."""
+        accumulates rounding.
+
+        Raises:
+            AdapterNotFoundError: a name is not an adapter of this layer (nothing is merged).
+        """
         names = list(self.active_adapters if names is None else names)
         for name in names:
             if name not in self.adapters:

@@ -84,4 +84,3 @@ def _standard_meta_models(arch: str | None, components: Sequence[str]) -> dict[s
     if arch == "sdxl" and "text_encoder_2" in components:
         models["text_encoder_2"] = build_full_size_text_encoder(arch, 2)
     return models
-

@@ -187,7 +187,11 @@ def unet_preset(
       down/upsampler convs (Kohya LoCon / LyCORIS without conv_in/conv_out).
 
     k×k convs get `conv_r`/`conv_alpha` (Kohya's conv_dim/conv_alpha, default `r`/`alpha`) through
-    `rank_pattern`/`alpha_pattern`; Linear and 1×1 convs get `r`/`alpha`."""
+    `rank_pattern`/`alpha_pattern`; Linear and 1×1 convs get `r`/`alpha`.
+
+    Raises:
+        ConfigError: an unknown preset or algo, or `conv_r`/`conv_alpha` with a preset without k×k convs.
+    """
     if preset not in ("attn", "attn_ff", "full"):
         raise ConfigError(f"Unknown UNet preset {preset!r}; choose 'attn', 'attn_ff' or 'full'.")
     targets = list(UNET_ATTENTION)

@@ -140,7 +140,11 @@ def _tiny_text_config(arch: str, index: int) -> CLIPTextConfig:
 def build_tiny_text_encoder(
     arch: Arch = "sd1", index: int = 1, seed: int = 0
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """A tiny CLIP text encoder: `CLIPTextModel` for SD1 and SDXL te1, `CLIPTextModelWithProjection` for SDXL te2."""
+    """A tiny CLIP text encoder: `CLIPTextModel` for SD1 and SDXL te1, `CLIPTextModelWithProjection` for SDXL te2.
+
+    Raises:
+        ValueError: an unknown arch, or an encoder index the arch does not have.
+    """
     _check_arch(arch)
     if (arch, index) not in _TINY_TE_LAYERS:
         raise ValueError(f"arch {arch!r} has no text encoder {index}: SD1 has 1, SDXL has 1 and 2.")
@@ -226,7 +230,11 @@ def full_size_unet_config(arch: Arch = "sd1") -> dict[str, Any]:
 
 
 def full_size_text_encoder_config(arch: Arch = "sd1", index: int = 1) -> CLIPTextConfig:
-    """The text-encoder config of the real models: CLIP ViT-L/14 (SD1, SDXL te1) or OpenCLIP ViT-bigG (SDXL te2)."""
+    """The text-encoder config of the real models: CLIP ViT-L/14 (SD1, SDXL te1) or OpenCLIP ViT-bigG (SDXL te2).
+
+    Raises:
+        ValueError: an unknown arch, or an encoder index the arch does not have.
+    """
     _check_arch(arch)
     if (arch, index) not in _TINY_TE_LAYERS:
         raise ValueError(f"arch {arch!r} has no text encoder {index}: SD1 has 1, SDXL has 1 and 2.")

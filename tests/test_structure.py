@@ -132,3 +132,44 @@ def test_no_function_longer_than_a_limit():
             if length > MAX_FUNCTION_LINES:
                 long.append(f"{name}.{func.name}: {length} lines")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def _direct_raises(func: ast.AST) -> bool:
+    """Whether `func` itself (not a nested function) has a `raise` with an exception (a bare re-raise is not
+    counted)."""
+    todo = list(ast.iter_child_nodes(func))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            # Abstract methods and "unreachable" asserts are not errors a caller handles.
+            if not (isinstance(exc, ast.Name) and exc.id in ("NotImplementedError", "AssertionError")):
+                return True
+        todo.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _public_functions(tree: ast.Module):
+    """Module-level public functions and public methods of public classes."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            yield node.name, node
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not item.name.startswith(
+                    "_"
+                ):
+                    yield f"{node.name}.{item.name}", item
+
+
+def test_public_functions_that_raise_say_what_they_raise():
+    silent = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for qualname, func in _public_functions(tree):
+            doc = ast.get_docstring(func) or ""
+            if _direct_raises(func) and "raise" not in doc.lower():
+                silent.append(f"{name}.{qualname} (line {func.lineno})")
+    assert not silent, "public functions that raise without saying so:\n" + "\n".join(silent)
