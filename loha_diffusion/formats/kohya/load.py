@@ -1,0 +1,303 @@
+"""Loading Kohya / LyCORIS files onto diffusers/transformers models: `load_kohya`, and `kohya_name_map`, every
+Kohya module name a file may use for a layer of the given models."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...adapters import Adapter, LayerSpec
+from ...layers import AdapterLayer
+from ...model import LoHaModel, adapter_names, add_adapter
+from .. import naming
+from .read import KohyaFile, KohyaFormatError, read_kohya
+
+_SHOWN = 5  # problems listed per category in an error message
+
+
+def _unwrap(model: nn.Module | None) -> nn.Module | None:
+    """Accept a `LoHaModel`-style wrapper (`.model`) as well as the bare model."""
+    return model.model if isinstance(model, LoHaModel) else model
+
+
+def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/Conv1d/Conv2d of `model` by its original path (an `AdapterLayer` counts as its base layer)."""
+    found: dict[str, nn.Module] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, AdapterLayer):
+                found[path] = child.base_layer
+            elif isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                found[path] = child
+            else:
+                walk(child, path)
+
+    walk(model, "")
+    return found
+
+
+def _unet_layout(unet: nn.Module) -> naming.UNetLayout | None:
+    try:
+        return naming.UNetLayout.from_config(unet)
+    except (KeyError, TypeError):
+        return None
+
+
+def _te_prefixes(
+    text_encoder: nn.Module | None, text_encoder_2: nn.Module | None, arch: str | None
+) -> tuple[str, str]:
+    """Export prefixes for (text_encoder, text_encoder_2): sd-scripts' rule, and te1/te2 for any SDXL set."""
+    if text_encoder_2 is not None or arch == "sdxl":
+        return naming.TE1_PREFIX, naming.TE2_PREFIX
+    return naming.TE_PREFIX, naming.TE2_PREFIX
+
+
+@dataclass
+class ModuleTarget:
+    """Where a Kohya module name lands: the component ("unet", "text_encoder", "text_encoder_2"), the module
+    path in it, the Linear/Conv layer, and the naming style the name uses ("diffusers", "ldm", "lycoris" for
+    UNet names; "te" for portable `text_model_` names, "te_raw" for raw module paths)."""
+
+    component: str
+    path: str
+    layer: nn.Module
+    style: str
+
+
+def kohya_name_map(
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+) -> dict[str, ModuleTarget]:
+    """Every Kohya module name a file may use for a layer of the given models -> that layer.
+
+    UNet: `lora_unet_` + diffusers path, `lora_unet_` + LDM path, `lycoris_` + diffusers path. Text encoders:
+    `lora_te_`/`lora_te1_` (first) and `lora_te2_` (second; with two encoders `lora_te_` also means the first,
+    as in ComfyUI), each with the portable `text_model_...` name and the raw module path."""
+    unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
+    names: dict[str, ModuleTarget] = {}
+    if unet is not None:
+        layout = _unet_layout(unet)
+        for path, layer in layer_modules(unet).items():
+            candidates = naming.unet_name_candidates(path, layout)
+            for name, style in zip(candidates, ("diffusers", "lycoris", "ldm")):
+                names[name] = ModuleTarget("unet", path, layer, style)
+    two = text_encoder_2 is not None
+    te_sets = [
+        (
+            "text_encoder",
+            text_encoder,
+            (naming.TE1_PREFIX, naming.TE_PREFIX) if two else (naming.TE_PREFIX, naming.TE1_PREFIX),
+        ),
+        ("text_encoder_2", text_encoder_2, (naming.TE2_PREFIX,)),
+    ]
+    for component, model, prefixes in te_sets:
+        if model is None:
+            continue
+        for path, layer in layer_modules(model).items():
+            for prefix in prefixes:
+                names[naming.text_encoder_kohya_name(path, prefix)] = ModuleTarget(
+                    component, path, layer, "te"
+                )
+                names.setdefault(
+                    naming.to_kohya(prefix, path), ModuleTarget(component, path, layer, "te_raw")
+                )
+    return names
+
+
+def _format_problems(title: str, groups: list[tuple[str, list[str]]], hints: list[str] = ()) -> str:
+    """One message: the title, hints, then per category its count and first few items."""
+    lines = [title]
+    lines += [f"  hint: {h}" for h in hints]
+    for label, items in groups:
+        if not items:
+            continue
+        lines.append(f"  {len(items)} {label}:")
+        lines += [f"    - {item}" for item in items[:_SHOWN]]
+        if len(items) > _SHOWN:
+            lines.append(f"    ... and {len(items) - _SHOWN} more")
+    return "\n".join(lines)
+
+
+def _partial_attention(names: list[str], prefix: str) -> list[str]:
+    """Text-encoder layers under `prefix` that have some but not all of q/k/v/out_proj (A1111's OpenCLIP
+    MultiheadAttention applies them only when all four are there)."""
+    per_layer: dict[int, set[str]] = {}
+    for name in names:
+        if not name.startswith(prefix + "_"):
+            continue
+        parsed = naming.te_sublayer(name)
+        if parsed and parsed[1] in naming.TE_ATTENTION_SUBLAYERS:
+            per_layer.setdefault(parsed[0], set()).add(parsed[1])
+    return [
+        f"{prefix} layer {i}: has {sorted(s)}, missing {sorted(set(naming.TE_ATTENTION_SUBLAYERS) - s)}"
+        for i, s in sorted(per_layer.items())
+        if len(s) != len(naming.TE_ATTENTION_SUBLAYERS)
+    ]
+
+
+def load_kohya(
+    path: str | os.PathLike | KohyaFile,
+    *,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+    scale: float = 1.0,
+) -> str:
+    """Load a Kohya/LyCORIS LoHa, LoRA/LoCon or LoKr file onto diffusers/transformers models as adapter
+    `adapter_name` (user scale `scale`) and return the adapter name.
+
+    Accepts SD1.x/SD2.x and SDXL files with diffusers, LDM (`input_blocks...`) or `lycoris_` UNet names, `lora_te`,
+    `lora_te1`, `lora_te2` text-encoder names, fp32/fp16/bf16. Every key must map to a module of the given models
+    with fitting shapes; otherwise one `KohyaFormatError` lists the problems and nothing is changed."""
+    kfile = path if isinstance(path, KohyaFile) else read_kohya(path)
+    source = str(kfile.path) if kfile.path is not None else "the Kohya state dict"
+    unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    given = {k: m for k, m in models.items() if m is not None}
+    if not given:
+        raise ValueError("load_kohya needs at least one of unet=, text_encoder=, text_encoder_2=.")
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
+        raise ValueError(f"adapter_name {adapter_name!r} may only contain letters, digits, '_' and '-'.")
+    taken = [k for k, m in given.items() if adapter_name in adapter_names(m)]
+    if taken:
+        raise ValueError(
+            f"Adapter name {adapter_name!r} is already used on {taken}; pick another adapter_name."
+        )
+    if not kfile.modules and not kfile.problems:
+        raise KohyaFormatError(f"{source} holds no adapter modules (no '<module>.<tensor>' keys).")
+
+    names = kohya_name_map(unet, text_encoder, text_encoder_2)
+    bad_modules = [f"{m.name}: {p}" for m in kfile.modules.values() for p in m.problems]
+    unmatched, shape_errors, duplicates = [], [], []
+    built: dict[tuple[str, str], Adapter] = {}
+    first_name: dict[tuple[str, str], str] = {}
+    for name, module in kfile.modules.items():
+        if module.problems:
+            continue
+        target = names.get(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        key = (target.component, target.path)
+        if key in built:
+            duplicates.append(f"{name} and {first_name[key]} both map to {target.component} {target.path}")
+            continue
+        try:
+            built[key] = module.to_adapter(LayerSpec.from_module(target.layer))
+            first_name[key] = name
+        except (ValueError, TypeError) as err:
+            shape_errors.append(
+                f"{name} -> {target.component}.{target.path} {tuple(target.layer.weight.shape)}: {err}"
+            )
+
+    if kfile.problems or bad_modules or unmatched or shape_errors or duplicates:
+        hints = _mismatch_hints(kfile, unet, text_encoder, text_encoder_2, unmatched)
+        raise KohyaFormatError(
+            _format_problems(
+                f"Cannot load {source} ({len(kfile.modules)} modules) onto "
+                f"{', '.join(f'{k} ({type(m).__name__})' for k, m in given.items())}; nothing was changed.",
+                [
+                    ("file problems", kfile.problems),
+                    ("unusable modules", bad_modules),
+                    ("keys that match no module of the given models", unmatched),
+                    ("tensors whose shapes do not fit their module", shape_errors),
+                    ("modules given twice", duplicates),
+                ],
+                hints,
+            )
+        )
+
+    _warn_on_load(kfile, names, unet)
+    for (component, path_), adapter in built.items():
+        adapter.scale = float(scale)
+        add_adapter(given[component], path_, adapter_name, adapter)
+    return adapter_name
+
+
+def _mismatch_hints(
+    kfile: KohyaFile,
+    unet: nn.Module | None,
+    text_encoder: nn.Module | None,
+    text_encoder_2: nn.Module | None,
+    unmatched: list[str],
+) -> list[str]:
+    hints = []
+    file_arch = kfile.guess_architecture()
+    model_arch = naming.detect_architecture(unet) if unet is not None else None
+    if model_arch is None and text_encoder_2 is not None:
+        model_arch = "sdxl"
+    if file_arch and model_arch and (file_arch == "sdxl") != (model_arch == "sdxl"):
+        hints.append(f"the file is for {file_arch.upper()} but the UNet is {model_arch.upper()}-shaped")
+    prefixes = Counter(kfile.modules[n].prefix for n in unmatched)
+    missing_component = {
+        naming.UNET_PREFIX: ("unet", unet),
+        naming.LYCORIS_PREFIX: ("unet", unet),
+        naming.TE_PREFIX: ("text_encoder", text_encoder),
+        naming.TE1_PREFIX: ("text_encoder", text_encoder),
+        naming.TE2_PREFIX: ("text_encoder_2", text_encoder_2),
+    }
+    for prefix, count in prefixes.items():
+        component, model = missing_component.get(prefix, (None, None))
+        if component and model is None:
+            hints.append(f"{count} {prefix}_ modules need {component}=; pass it to load them")
+    return hints
+
+
+def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Module | None) -> None:
+    """Report what loads here but would not load (the same way) in ComfyUI/A1111 (kohya-format.md section 9)."""
+    no_alpha = [n for n, m in kfile.modules.items() if m.alpha is None and m.kind != "lokr"]
+    if no_alpha:
+        warnings.warn(
+            f"{len(no_alpha)} modules have no alpha (e.g. {no_alpha[0]}); using scale 1.0 as ComfyUI and A1111 do "
+            "(LyCORIS' own loader would crash on this file).",
+            UserWarning,
+            stacklevel=3,
+        )
+    zero_alpha = [n for n, m in kfile.modules.items() if m.alpha == 0]
+    if zero_alpha:
+        warnings.warn(
+            f"{len(zero_alpha)} modules have alpha 0 (e.g. {zero_alpha[0]}): their delta is zero here and in "
+            "ComfyUI/A1111, while LyCORIS treats alpha 0 as alpha = rank.",
+            UserWarning,
+            stacklevel=3,
+        )
+    raw_te = [n for n in kfile.modules if names[n].style == "te_raw"]
+    if raw_te:
+        warnings.warn(
+            f"{len(raw_te)} text-encoder modules use names without 'text_model_' (e.g. {raw_te[0]}), as LyCORIS/PEFT "
+            "write them with transformers 5; ComfyUI and A1111 ignore these keys. Re-export with save_kohya.",
+            UserWarning,
+            stacklevel=3,
+        )
+    module_names = list(kfile.modules)
+    partial = _partial_attention(module_names, naming.TE2_PREFIX)
+    if partial:
+        warnings.warn(
+            f"te2 attention with only some of q/k/v/out_proj ({partial[0]}; {len(partial)} layers): applied here "
+            "per projection, but A1111 applies none of them for such layers.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if unet is not None and naming.detect_architecture(unet) == "sdxl":
+        a1111_drops = [
+            n
+            for n in module_names
+            if names[n].style == "diffusers"
+            and ("up_blocks_0_upsamplers_0_conv" in n or "add_embedding" in n)
+        ]
+        if a1111_drops:
+            warnings.warn(
+                f"SDXL file with diffusers UNet names: A1111 silently drops {a1111_drops}; SDXL files should use "
+                "LDM names (save_kohya writes them).",
+                UserWarning,
+                stacklevel=3,
+            )

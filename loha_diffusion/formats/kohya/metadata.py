@@ -1,0 +1,180 @@
+"""Kohya file metadata: `kohya_metadata` (the `ss_*` / `modelspec.*` keys A1111 and kohya tools read),
+`read_metadata`, and A1111's `sshs_model_hash` (`addnet_hash`, `addnet_hash_file`)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import os
+import struct
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ...adapters import Adapter, LayerSpec
+from .. import naming
+
+# Short names accepted in `training_info` -> the sd-scripts metadata key they fill.
+TRAINING_INFO_KEYS = {
+    "steps": "ss_steps",
+    "max_train_steps": "ss_max_train_steps",
+    "epochs": "ss_num_epochs",
+    "epoch": "ss_epoch",
+    "resolution": "ss_resolution",
+    "dataset_dirs": "ss_dataset_dirs",
+    "tag_frequency": "ss_tag_frequency",
+    "num_train_images": "ss_num_train_images",
+    "training_started_at": "ss_training_started_at",
+    "training_finished_at": "ss_training_finished_at",
+    "learning_rate": "ss_learning_rate",
+    "unet_lr": "ss_unet_lr",
+    "text_encoder_lr": "ss_text_encoder_lr",
+    "lr_scheduler": "ss_lr_scheduler",
+    "optimizer": "ss_optimizer",
+    "batch_size": "ss_total_batch_size",
+    "gradient_accumulation_steps": "ss_gradient_accumulation_steps",
+    "mixed_precision": "ss_mixed_precision",
+    "seed": "ss_seed",
+    "clip_skip": "ss_clip_skip",
+    "noise_offset": "ss_noise_offset",
+    "min_snr_gamma": "ss_min_snr_gamma",
+    "sd_model_name": "ss_sd_model_name",
+    "prediction_type": "modelspec.prediction_type",
+}
+
+
+def addnet_hash(data: bytes) -> str:
+    """A1111's / sd-scripts' `sshs_model_hash`: sha256 of the safetensors bytes after the 8-byte length and
+    the JSON header (so it does not depend on the metadata)."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + header_len :]).hexdigest()
+
+
+def addnet_hash_file(path: str | os.PathLike) -> str:
+    """`addnet_hash` of a file on disk, read in chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + header_len)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _most_common(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0] if values else None
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def kohya_metadata(
+    facts: Mapping[str, Any],
+    *,
+    base_model_version: str | None = None,
+    output_name: str | None = None,
+    training_info: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    timestamp: float | None = None,
+) -> dict[str, str]:
+    """The `__metadata__` A1111 and kohya users expect (ss_*, modelspec.*), from the facts of
+    `build_kohya_state_dict`, plus `training_info` (short names, see `TRAINING_INFO_KEYS`, or `ss_*` keys) and
+    user `metadata` (added last, may override). All values become strings (dicts/lists as JSON)."""
+    adapters: dict[str, tuple[Adapter, nn.Module]] = facts["adapters"]
+    arch = facts.get("arch")
+    kinds = Counter(a.kind for a, _ in adapters.values())
+    main_kind = kinds.most_common(1)[0][0]
+    linear = [a for a, layer in adapters.values() if LayerSpec.from_module(layer).kernel_numel == 1]
+    conv = [a for a, layer in adapters.values() if LayerSpec.from_module(layer).kernel_numel > 1]
+    uses_cp = any(getattr(a, "is_cp", False) for a, _ in adapters.values())
+    dims = linear or conv
+    network_dim, network_alpha = _most_common([a.r for a in dims]), _most_common([a.alpha for a in dims])
+
+    if base_model_version is None:
+        if arch is not None:
+            base_model_version = naming.BASE_MODEL_VERSIONS[arch]
+        elif any(n.startswith(naming.TE2_PREFIX + "_") for n in adapters):
+            base_model_version = naming.BASE_MODEL_VERSIONS["sdxl"]
+    v2 = bool(base_model_version and base_model_version.startswith("sd_v2"))
+    sdxl = bool(base_model_version and base_model_version.startswith("sdxl"))
+    v_pred = base_model_version == "sd_v2_v"
+
+    if set(kinds) == {"lora"} and not uses_cp:
+        network_module = "networks.lora"
+        args: dict[str, str] = {}
+    else:
+        network_module = "lycoris.kohya"
+        algo = {"loha": "loha", "lokr": "lokr", "lora": "locon"}[main_kind]
+        args = {"algo": algo, "use_tucker": str(uses_cp)}
+    if conv:
+        args["conv_dim"] = str(_most_common([a.r for a in conv]))
+        args["conv_alpha"] = _number(_most_common([a.alpha for a in conv]))
+    rank_dropout = _most_common([a.rank_dropout for a, _ in adapters.values()])
+    module_dropout = _most_common([a.module_dropout for a, _ in adapters.values()])
+    if rank_dropout or module_dropout or network_module == "lycoris.kohya":
+        args["rank_dropout"] = _number(rank_dropout)
+        args["module_dropout"] = _number(module_dropout)
+
+    timestamp = time.time() if timestamp is None else timestamp
+    out: dict[str, Any] = {
+        "ss_network_module": network_module,
+        "ss_network_dim": str(network_dim),
+        "ss_network_alpha": _number(network_alpha),
+        "ss_network_args": json.dumps(args),
+        "ss_v2": str(v2),
+        "ss_output_name": output_name or "",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": output_name or f"LoRA@{int(timestamp)}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+    if base_model_version:
+        out["ss_base_model_version"] = base_model_version
+        if sdxl:
+            spec_arch, impl, reso = (
+                "stable-diffusion-xl-v1-base",
+                "https://github.com/Stability-AI/generative-models",
+                1024,
+            )
+        elif v2:
+            spec_arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+            impl, reso = "diffusers", 768 if v_pred else 512
+        else:
+            spec_arch, impl, reso = "stable-diffusion-v1", "diffusers", 512
+        out["modelspec.architecture"] = spec_arch + "/lora"
+        out["modelspec.implementation"] = impl
+        out["modelspec.resolution"] = f"{reso}x{reso}"
+
+    for key, value in (training_info or {}).items():
+        if value is None:
+            continue
+        target = TRAINING_INFO_KEYS.get(key, key if key.startswith(("ss_", "modelspec.")) else None)
+        if target is None:
+            raise ValueError(
+                f"Unknown training_info key {key!r}; use one of {sorted(TRAINING_INFO_KEYS)} or an 'ss_*' key."
+            )
+        if key == "resolution":
+            reso = (value, value) if isinstance(value, int) else tuple(value)
+            out["ss_resolution"] = f"({reso[0]}, {reso[1]})"
+            out["modelspec.resolution"] = f"{reso[0]}x{reso[1]}"
+            continue
+        if key == "prediction_type":
+            value = {"v_prediction": "v"}.get(value, value)
+        out[target] = value
+    for key, value in (metadata or {}).items():
+        out[key] = value
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Just the `__metadata__` of a `.safetensors` file (no tensors are read)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.load(io.BytesIO(f.read(header_len)))
+    return dict(header.get("__metadata__", {}))

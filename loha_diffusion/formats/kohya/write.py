@@ -1,0 +1,253 @@
+"""Writing Kohya / LyCORIS files: `build_kohya_state_dict` (the tensors), `save_kohya` (tensors + metadata to a
+file) and `write_kohya_file`, the one atomic writer of such files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from ...adapters import Adapter, LayerSpec
+from ...layers import AdapterLayer
+from .. import naming
+from .load import _format_problems, _partial_attention, _te_prefixes, _unet_layout, _unwrap
+from .metadata import addnet_hash, kohya_metadata
+from .read import PEFT_TO_KOHYA_LORA, KohyaFormatError, _classify
+
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _adapters_of(model: nn.Module | None, adapter_name: str) -> dict[str, tuple[Adapter, nn.Module]]:
+    if model is None:
+        return {}
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+            out[name] = (module.adapters[adapter_name], module.base_layer)
+    return out
+
+
+def _file_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter's factors under Kohya names (LoRA: `lora_down.weight`, ...), detached."""
+    tensors = {k: v.detach() for k, v in adapter.state_tensors().items()}
+    if adapter.kind == "lora":
+        tensors = {PEFT_TO_KOHYA_LORA[k]: v for k, v in tensors.items()}
+    return tensors
+
+
+def build_kohya_state_dict(
+    *,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+    dtype: torch.dtype = torch.float16,
+    unet_naming: str = "auto",
+    base_model_version: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The Kohya tensors of adapter `adapter_name` (one dtype, contiguous, CPU) and facts for the metadata.
+
+    The architecture comes from the UNet, else from `base_model_version` (so a text-encoder-only SDXL file
+    still gets `lora_te1_`). Raises one `KohyaFormatError` for everything a loader would silently mis-apply
+    (see `save_kohya`)."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, not {dtype}.")
+    unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
+    arch = naming.detect_architecture(unet) if unet is not None else None
+    if arch is None and unet is None and base_model_version:
+        arch = (
+            "sdxl"
+            if base_model_version.startswith("sdxl")
+            else "sd2"
+            if base_model_version.startswith("sd_v2")
+            else "sd1"
+        )
+    parts = {
+        "unet": _adapters_of(unet, adapter_name),
+        "text_encoder": _adapters_of(text_encoder, adapter_name),
+        "text_encoder_2": _adapters_of(text_encoder_2, adapter_name),
+    }
+    if not any(parts.values()):
+        given = [
+            k
+            for k, m in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2))
+            if m is not None
+        ]
+        raise KohyaFormatError(f"No adapter named {adapter_name!r} on {given or 'any model (none given)'}.")
+
+    problems: dict[str, list[str]] = {"names": [], "naming": [], "attention": [], "shapes": []}
+    hints: list[str] = []
+    names: dict[str, tuple[Adapter, nn.Module]] = {}
+    naming_style = None
+    if parts["unet"]:
+        naming_style = unet_naming if unet_naming != "auto" else naming.default_unet_naming(arch)
+        if naming_style is None:
+            problems["naming"].append(
+                f"the UNet is not SD1/SD2/SDXL-shaped (blocks {list(unet.config.get('down_block_types', []))}, "
+                f"layers_per_block {unet.config.get('layers_per_block')}), so there is no standard Kohya naming for it"
+            )
+            hints.append(
+                "pass unet_naming='diffusers' to write diffusers module names (ComfyUI and LyCORIS map them by the "
+                "model config; A1111 assumes the SD layout and may apply them to wrong layers), or unet_naming='ldm'"
+            )
+        elif naming_style not in ("diffusers", "ldm"):
+            raise ValueError(f"unet_naming must be 'auto', 'diffusers' or 'ldm', not {unet_naming!r}.")
+        else:
+            if arch is None and naming_style == "diffusers":
+                warnings.warn(
+                    "Writing diffusers names for a UNet that is not SD1/SD2/SDXL-shaped: ComfyUI and LyCORIS load "
+                    "them, A1111 may apply them to the wrong layers.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            if arch == "sdxl" and naming_style == "diffusers":
+                warnings.warn(
+                    "Writing diffusers names for an SDXL UNet: A1111 drops up_blocks_0_upsamplers_0_conv and "
+                    "add_embedding keys of such files; the default (LDM names) loads everywhere.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            layout = _unet_layout(unet)
+            for path, item in parts["unet"].items():
+                try:
+                    names[naming.unet_kohya_name(path, naming_style, layout)] = item
+                except ValueError as err:
+                    problems["names"].append(str(err))
+    te_prefix, te2_prefix = _te_prefixes(text_encoder, text_encoder_2, arch)
+    for component, prefix in (("text_encoder", te_prefix), ("text_encoder_2", te2_prefix)):
+        for path, item in parts[component].items():
+            name = naming.text_encoder_kohya_name(path, prefix)
+            if name in names:
+                problems["names"].append(f"{component}.{path} and another module both get the name {name}")
+            names[name] = item
+    nonportable = [n for n in names if not n.startswith(naming.UNET_PREFIX) and naming.te_sublayer(n) is None]
+    if nonportable:
+        warnings.warn(
+            f"{len(nonportable)} text-encoder modules are not among q/k/v/out_proj, fc1, fc2 of the encoder layers "
+            f"(e.g. {nonportable[0]}); LyCORIS loads them, ComfyUI and A1111 ignore them.",
+            UserWarning,
+            stacklevel=3,
+        )
+    # A1111 applies OpenCLIP attention (SDXL te2, SD2's text encoder) only with all of q, k, v and out_proj.
+    problems["attention"] += _partial_attention(list(names), te2_prefix)
+    if arch == "sd2":
+        problems["attention"] += _partial_attention(list(names), te_prefix)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, (adapter, layer) in names.items():
+        tensors = _file_tensors(adapter)
+        record = _classify(name, tensors)
+        record.alpha = adapter.alpha
+        # Check the file record rebuilds on this layer exactly as loaders will read it (rank, CP layout, shapes).
+        try:
+            record.to_adapter(LayerSpec.from_module(layer))
+        except ValueError as err:
+            problems["shapes"].append(f"{name}: {err}")
+        for tensor_name, tensor in tensors.items():
+            state[f"{name}.{tensor_name}"] = tensor.to(device="cpu", dtype=dtype).contiguous()
+        state[f"{name}.alpha"] = torch.tensor(float(adapter.alpha), dtype=dtype)
+
+    if any(problems.values()):
+        raise KohyaFormatError(
+            _format_problems(
+                f"Refusing to write adapter {adapter_name!r} as a Kohya file: loaders would reject or mis-apply it.",
+                [
+                    ("UNet naming problems", problems["naming"]),
+                    ("modules without a Kohya name", problems["names"]),
+                    (
+                        "text-encoder layers with only some of q/k/v/out_proj (A1111 would apply none; "
+                        "adapt all four or none)",
+                        problems["attention"],
+                    ),
+                    ("modules whose tensors loaders would read differently", problems["shapes"]),
+                ],
+                hints,
+            )
+        )
+    facts = {"arch": arch, "unet_naming": naming_style, "adapters": names}
+    return state, facts
+
+
+def save_kohya(
+    path: str | os.PathLike,
+    *,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+    adapter_name: str = "default",
+    dtype: torch.dtype = torch.float16,
+    base_model_version: str | None = None,
+    unet_naming: str = "auto",
+    output_name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    training_info: Mapping[str, Any] | None = None,
+    model_hash: bool = True,
+) -> Path:
+    """Write adapter `adapter_name` of a UNet and/or text encoders as one Kohya/LyCORIS `.safetensors` file.
+
+    Names: SD1/SD2 UNet `lora_unet_` + diffusers path, SDXL `lora_unet_` + LDM path (`unet_naming` overrides),
+    text encoders `lora_te_` (one) or `lora_te1_`/`lora_te2_` + `text_model_encoder_layers_N_...`. Tensors: LoHa
+    `hada_*`, LoRA `lora_down/up(/mid).weight`, LoKr `lokr_*`, a 0-dim alpha each, all in `dtype`. Metadata: see
+    `kohya_metadata`; `base_model_version` (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0) defaults to the UNet's.
+    `sshs_model_hash` is A1111's hash of the tensor bytes. Refuses (one error listing all problems) a non-SD UNet
+    without an explicit `unet_naming`, te2 attention with only some of q/k/v/out, and tensors loaders would misread.
+    The user multiplier (`adapter.scale`) is not part of the file."""
+    path = Path(path)
+    state, facts = build_kohya_state_dict(
+        unet=unet,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        adapter_name=adapter_name,
+        dtype=dtype,
+        unet_naming=unet_naming,
+        base_model_version=base_model_version,
+    )
+    meta = kohya_metadata(
+        facts,
+        base_model_version=base_model_version,
+        output_name=output_name or path.stem,
+        training_info=training_info,
+        metadata=metadata,
+    )
+    return write_kohya_file(path, state, meta, model_hash=model_hash)
+
+
+def write_kohya_file(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    model_hash: bool = True,
+) -> Path:
+    """Write a Kohya/LyCORIS `.safetensors` file: the one writer every path that writes such a file uses
+    (`save_kohya`, `loha-diffusion convert`).
+
+    `state_dict` holds contiguous CPU tensors under Kohya keys; `metadata` string values. With `model_hash`,
+    `sshs_model_hash` is set to A1111's hash of the tensor bytes (a stale `sshs_legacy_hash`, which depends on
+    the old bytes, is dropped). The bytes go to a temporary file in the same folder that is then renamed, so an
+    interrupted write never leaves a truncated adapter. Returns `path`.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    meta = dict(metadata)
+    meta.pop("sshs_legacy_hash", None)
+    if model_hash:
+        # The data section after the header does not depend on the metadata, so hash it first.
+        meta["sshs_model_hash"] = addnet_hash(safetensors_save(dict(state_dict)))
+    data = safetensors_save(dict(state_dict), metadata=meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
+    ) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
+    return path
