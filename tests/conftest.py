@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from loha_diffusion import tiny
+from loha_diffusion.formats.reference import reference_delta as format_reference_delta
 
 # The test models are tiny: intra-op threads buy nothing, and on a small shared machine (several test runs at
 # once) spinning OpenMP threads made a 2-step pipeline run take 27 s instead of 0.5 s. Set OMP_NUM_THREADS to
@@ -71,8 +72,8 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory) -> Path:
 
 # -- adapter files written by hand ----------------------------------------------------------------------
 # Tests of loading and verifying need Kohya files that do not come from our own exporter: these are written
-# directly with safetensors from the layouts of the shared kohya-format.md (sections 3 and 4), and the
-# matching weight change is computed from the same plain formulas.
+# directly with safetensors from the layouts of docs/kohya-format.md (sections 3 and 4), and the matching
+# weight change is computed from the same plain formulas (loha_diffusion.formats.reference).
 
 UNET_TRANSFORMER_LEAVES = (
     "to_q",
@@ -88,28 +89,10 @@ TE_LEAVES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def reference_delta(tensors: dict[str, torch.Tensor], weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """ΔW of one Kohya module from its file tensors (fp64): LoHa flat/CP or LoRA/LoCon (incl. lora_mid)."""
-    t = {k: v.double() for k, v in tensors.items()}
-    if "hada_w1_a" in t:
-        rank = t["hada_w1_b"].shape[0]
-        if "hada_t1" in t:
-            m1 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
-            m2 = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])
-        else:
-            m1 = t["hada_w1_a"] @ t["hada_w1_b"]
-            m2 = t["hada_w2_a"] @ t["hada_w2_b"]
-        delta = (m1 * m2).reshape(weight_shape)
-    else:
-        down, up = t["lora_down.weight"], t["lora_up.weight"]
-        rank = down.shape[0]
-        if "lora_mid.weight" in t:
-            delta = torch.einsum(
-                "o a, a b h w, b i -> o i h w", up.flatten(1), t["lora_mid.weight"], down.flatten(1)
-            )
-        else:
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight_shape)
-    alpha = t["alpha"].item() if "alpha" in t else rank
-    return delta * (alpha / rank)
+    """ΔW of one Kohya module from its file tensors, `alpha` entry included (fp64): the library's plain
+    formulas of the format (`loha_diffusion.formats.reference`, independent of our adapter classes)."""
+    alpha = tensors["alpha"].item() if "alpha" in tensors else None
+    return format_reference_delta(tensors, alpha, weight_shape)
 
 
 def _factor_tensors(algo: str, weight: torch.Tensor, rank: int, cp: bool, gen: torch.Generator) -> dict:
