@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from loha_diffusion.errors import ConfigError
 from loha_diffusion.training.checkpoint import list_checkpoints, prune_checkpoints, resolve_resume_path
-from loha_diffusion.training.config import ConfigError, load_config
+from loha_diffusion.training.config import load_config
 
 
 def make_checkpoints(root, steps):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loha_diffusion.training.config import ConfigError, TrainConfig, load_config
+from loha_diffusion.errors import ConfigError
+from loha_diffusion.training.config import TrainConfig, load_config
 
 REQUIRED = ["--pretrained_model_name_or_path", "model", "--train_data_dir", "data", "--max_train_steps", "10"]
 
@@ -135,3 +136,42 @@ def test_toml_round_trip(tmp_path):
 def test_keyword_overrides_win(tmp_path):
     cfg = load_config(REQUIRED + ["--rank", "4"], rank=2, network_alpha=1)
     assert cfg.rank == 2 and cfg.alpha == 1.0
+
+
+def test_python_310_reads_toml_with_tomli(monkeypatch, tmp_path):
+    """On Python 3.10 (no tomllib) the config module takes the same parser from the `tomli` package."""
+    import importlib.util
+    import sys
+    import types
+
+    import tomllib
+
+    from loha_diffusion.training import config
+
+    tomli = types.ModuleType("tomli")
+    tomli.loads, tomli.TOMLDecodeError = tomllib.loads, tomllib.TOMLDecodeError
+    monkeypatch.setitem(sys.modules, "tomli", tomli)
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    name = "loha_diffusion.training._config_py310"
+    spec = importlib.util.spec_from_file_location(name, config.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    assert module.tomllib is tomli
+    path = write_toml(tmp_path, 'pretrained_model_name_or_path = "m"\ntrain_data_dir = "d"\nrank = 3\n')
+    assert module.load_config(["--config", str(path), "--max_train_steps", "1"]).rank == 3
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        module.read_toml(write_toml(tmp_path, "rank = = 3"))
+
+
+def test_parsing_imports_no_torch():
+    """`training.config` (what the script parses with) imports neither torch nor diffusers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, loha_diffusion.training.config\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'transformers') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"

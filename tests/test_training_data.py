@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from loha_diffusion.errors import DataError
 from loha_diffusion.training.data import (
     CaptionedImageDataset,
-    DataError,
     EpochSampler,
     make_dataloader,
     scan_dataset,

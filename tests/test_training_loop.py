@@ -17,7 +17,7 @@ from loha_diffusion.model import inject_adapter, set_adapter_state_dict
 from loha_diffusion.pipeline import load_adapter
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.loop import main, train
-from loha_diffusion.training.plan import unet_adapter_config
+from loha_diffusion.training.models import unet_adapter_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 40, 40), (40, 70, 220), (40, 170, 60), (235, 200, 40), (200, 60, 200), (30, 200, 200)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,11 @@ from PIL import Image
 from torch import nn
 
 from loha_diffusion import tiny
-from loha_diffusion.training.config import ConfigError, load_config
-from loha_diffusion.training.plan import (
-    build_plan,
-    compute_schedule,
-    format_plan,
-    setting_warnings,
-    unet_adapter_config,
-)
+from loha_diffusion.errors import ConfigError
+from loha_diffusion.training.config import load_config
+from loha_diffusion.training.data import compute_schedule
+from loha_diffusion.training.models import unet_adapter_config
+from loha_diffusion.training.plan import build_plan, format_plan, setting_warnings
 
 REPO = Path(__file__).resolve().parents[1]
 ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -24,8 +22,14 @@ ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "pro
 
 @pytest.fixture(scope="module")
 def sd15_config_dir(tmp_path_factory) -> Path:
-    """A folder with only the configs of SD1.5's UNet and text encoder: all a dry run reads."""
+    """A folder with only the configs of SD1.5's pipeline, UNet and text encoder: all a dry run reads."""
     root = tmp_path_factory.mktemp("sd15_configs")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
     tiny.build_unet_from_config(tiny.full_size_unet_config("sd1")).save_config(root / "unet")
     tiny.full_size_text_encoder_config("sd1", 1).save_pretrained(root / "text_encoder")
     return root

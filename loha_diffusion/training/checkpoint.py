@@ -1,10 +1,9 @@
-"""Training state checkpoints (accelerate `save_state`/`load_state` with only the adapter weights) and the
-adapter files a run exports (Kohya `.safetensors`, PEFT-format folder).
+"""Training-state checkpoints for resuming: accelerate `save_state`/`load_state` with only the adapter weights.
 
 A checkpoint folder `checkpoint-<step>/` holds the adapter tensors (`unet_adapter.safetensors`,
 `text_encoder_adapter.safetensors`), the optimizer, LR scheduler, scaler and RNG states written by accelerate,
 and `TrainState` (global step, epoch geometry). Data position follows from the step, because the sample
-order is a function of (seed, epoch) — see `data.py`.
+order is a function of (seed, epoch) — see `data.py`. The files users load are written by `export.py`.
 """
 
 from __future__ import annotations
@@ -12,23 +11,21 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import ConfigError
 from ..model import get_adapter_state_dict, set_adapter_state_dict
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .models import ADAPTER_NAME
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
-ADAPTER_NAME = "default"
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -41,11 +38,19 @@ class TrainState:
     seed: int = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The fields as a dict (accelerate pickles it into `custom_checkpoint_0.pkl`)."""
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Set the fields from `state_dict()`'s output."""
         for key, value in state.items():
             setattr(self, key, value)
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        """(optimizer steps per epoch, samples per optimizer step over all processes, seed): what must not
+        change across a resume for the data order and schedule to continue where they stopped."""
+        return (self.update_steps_per_epoch, self.total_batch_size, self.seed)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -60,7 +65,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume_path(cfg: TrainConfig) -> Path | None:
-    """The checkpoint `resume_from_checkpoint` names: `latest` is the newest in output_dir (None if there is none)."""
+    """The checkpoint `resume_from_checkpoint` names: `latest` is the newest in output_dir (None if there is
+    none); a bare `checkpoint-500` is looked up in output_dir, as in diffusers.
+
+    Raises:
+        ConfigError: the named folder is not a checkpoint (the message lists the existing ones).
+    """
     if cfg.resume_from_checkpoint is None:
         return None
     if cfg.resume_from_checkpoint == "latest":
@@ -97,7 +107,12 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
 
 def register_adapter_state_hooks(accelerator, models: dict[str, nn.Module]) -> None:
     """Make `save_state`/`load_state` store only the adapter tensors of `models` ({"unet": ..., ...}), not the
-    frozen base weights (gigabytes per checkpoint otherwise)."""
+    frozen base weights (gigabytes per checkpoint otherwise): `<name>_adapter.safetensors` per model, in the
+    adapters' own dtype (float32).
+
+    Loading then raises `ConfigError` when a checkpoint lacks one of those files, and what
+    `set_adapter_state_dict` raises when its keys or shapes differ (other adapter settings).
+    """
 
     def find(model: nn.Module) -> str:
         unwrapped = accelerator.unwrap_model(model)
@@ -132,60 +147,32 @@ def register_adapter_state_hooks(accelerator, models: dict[str, nn.Module]) -> N
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def base_model_version(unet: nn.Module, prediction_type: str) -> str | None:
-    """Kohya's `ss_base_model_version` for SD2 (cross-attention 1024); None lets the exporter detect SD1/SDXL."""
-    if unet.config.get("cross_attention_dim") == 1024:
-        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
-    return None
+def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """Save the training state after optimizer step `step` as `<output_dir>/checkpoint-<step>/`, first
+    deleting the oldest checkpoints so that at most `total_limit` remain. Every process must call it."""
+    path = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    logger.info("saved training state %s", path)
+    return path
 
 
-def dataset_facts(records) -> dict[str, Any]:
-    """Kohya's `ss_dataset_dirs` and `ss_tag_frequency` (comma-separated tags per image folder)."""
-    dirs: dict[str, dict[str, int]] = {}
-    tags: dict[str, Counter] = {}
-    for record in records:
-        folder = record.path.parent.name
-        entry = dirs.setdefault(folder, {"n_repeats": record.repeats, "img_count": 0})
-        entry["img_count"] += 1
-        counter = tags.setdefault(folder, Counter())
-        counter.update(t.strip() for t in record.caption.split(",") if t.strip())
-    return {"dataset_dirs": dirs, "tag_frequency": {k: dict(v) for k, v in tags.items()}}
+def load_checkpoint(accelerator: Any, path: str | Path, state: TrainState) -> None:
+    """Restore the training state saved in `path` into the prepared objects and `state` (registered with
+    `accelerator.register_for_checkpointing`), which holds this run's geometry before the call.
 
-
-def export_kohya(
-    path: str | Path,
-    cfg: TrainConfig,
-    *,
-    unet: nn.Module,
-    text_encoder: nn.Module | None,
-    prediction_type: str,
-    training_info: dict[str, Any],
-) -> Path:
-    """Write the trained adapter(s) as a Kohya/LyCORIS `.safetensors` in `save_precision`, with metadata."""
-    from ..formats.kohya import save_kohya
-
-    return save_kohya(
-        path,
-        unet=unet,
-        text_encoder=text_encoder,
-        adapter_name=ADAPTER_NAME,
-        dtype=SAVE_DTYPES[cfg.save_precision],
-        base_model_version=base_model_version(unet, prediction_type),
-        output_name=cfg.name,
-        training_info=training_info,
-    )
-
-
-def export_peft(
-    directory: str | Path, cfg: TrainConfig, *, unet: nn.Module, text_encoder: nn.Module | None
-) -> Path:
-    """Write the PEFT-format folder(s) (`<dir>/unet/`, and `<dir>/text_encoder/` if trained) in `save_precision`."""
-    from ..formats.peft import save_peft
-
-    return save_peft(
-        directory,
-        unet=unet,
-        text_encoder=text_encoder,
-        adapter_name=ADAPTER_NAME,
-        dtype=SAVE_DTYPES[cfg.save_precision],
-    )
+    Raises:
+        ConfigError: the checkpoint was written with another geometry (steps per epoch, total batch size,
+            seed), or lacks an adapter file (see `register_adapter_state_hooks`).
+    """
+    expected = state.geometry
+    accelerator.load_state(str(path))
+    if state.geometry != expected:
+        raise ConfigError(
+            f"cannot resume from {path}: it was written with (steps per epoch, total batch size, seed) "
+            f"= {state.geometry}, this run has {expected}; keep the dataset, batch settings, process count and "
+            "seed"
+        )
+    logger.info("resumed from %s at step %d", path, state.global_step)

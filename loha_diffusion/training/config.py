@@ -3,6 +3,9 @@
 Precedence is defaults < TOML (`--config file.toml`) < command-line flags. Flag names follow diffusers'
 training scripts; kohya sd-scripts names are accepted as aliases (`--network_dim` = `--rank`, ...). Unknown
 keys, wrong types and out-of-range values raise `ConfigError` naming the key.
+
+Imports nothing heavy (no torch, diffusers or accelerate): `scripts/train_loha_sd.py` parses and checks its
+command line with this module before it loads any of them, so `--help` and mistakes answer at once.
 """
 
 from __future__ import annotations
@@ -12,13 +15,19 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+from ..errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser as the `tomli` package (a dependency there)
+    import tomli as tomllib
 
 LR_SCHEDULERS = (
     "linear",
@@ -29,10 +38,6 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
-
-
-class ConfigError(ValueError):
-    """A training setting is unknown, has the wrong type or an invalid value; the message names the key."""
 
 
 def _f(
@@ -169,7 +174,11 @@ class TrainConfig:
     dry_run: bool = _f(False, "print the plan (modules, parameters, file size, steps) and exit")
 
     def validate(self) -> None:
-        """Check types, choices and ranges; raise `ConfigError` naming the first bad key."""
+        """Check types, choices and ranges, and turn ints given for float fields into floats (in place).
+
+        Raises:
+            ConfigError: the first bad key, with what it must be.
+        """
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
@@ -384,6 +393,15 @@ def _parse_cli_value(key: str, text: str | list[str], tp: Any) -> Any:
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 
+USER_ERROR_EXIT_STATUS = 2  # what the script returns for a bad config, file or dataset (argparse's status)
+
+
+def report_user_error(exc: BaseException) -> int:
+    """Print `error: <message>` to stderr, without a traceback, and return `USER_ERROR_EXIT_STATUS`."""
+    print(f"error: {exc}", file=sys.stderr)
+    return USER_ERROR_EXIT_STATUS
+
+
 def _field_table() -> tuple[dict[str, dataclasses.Field], dict[str, str]]:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     aliases = {alias: f.name for f in fields.values() for alias in f.metadata.get("aliases", ())}
@@ -423,7 +441,12 @@ def _canonical(raw: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Settings from a TOML file as `{field name: value}` (aliases resolved, unknown keys rejected)."""
+    """Settings from a TOML file as `{field name: value}` (aliases resolved, unknown keys rejected).
+
+    Raises:
+        ConfigError: the file does not exist or is not TOML; a key is unknown (with the closest known name) or
+            given twice under two names.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -440,7 +463,10 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    """The command line: `--config FILE` plus one flag (and its aliases) for every `TrainConfig` field."""
+    """The command line: `--config FILE` plus one flag (and its aliases) for every `TrainConfig` field.
+
+    Its `error` raises `ConfigError` instead of exiting; `--help` prints the flags and exits (`SystemExit(0)`).
+    """
     parser = _ArgumentParser(
         prog="train_loha_sd.py",
         description="Train a LoHa/LoRA adapter for Stable Diffusion 1.x/2.x. Flags override the --config TOML.",
@@ -473,6 +499,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_names() -> list[str]:
+    fields, aliases = _field_table()
+    return ["config", "v_parameterization", *fields, *aliases]
+
+
+def _unknown_flags(tokens: list[str]) -> ConfigError:
+    """The error for command-line words no flag takes, with the closest flag for each mistyped one."""
+    flags = [token.split("=", 1)[0] for token in tokens if token.startswith("-")]
+    if not flags:
+        return ConfigError(
+            f"command line: unexpected {' '.join(tokens)!r} (every setting is a --flag; see --help)"
+        )
+    described = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag.lstrip("-"), _flag_names(), n=1)
+        described.append(flag + (f" (did you mean --{close[0]}?)" if close else ""))
+    plural = "s" if len(flags) > 1 else ""
+    return ConfigError(f"command line: unknown flag{plural} {', '.join(described)} (see --help)")
+
+
 def _reject_repeated_flags(argv: list[str]) -> None:
     """argparse keeps the last of `--rank 4 --network_dim 8`; say so instead of silently dropping one."""
     fields, aliases = _field_table()
@@ -495,10 +541,19 @@ def load_config(
     """Build and validate a `TrainConfig` from defaults, a TOML file, command-line flags and keyword overrides.
 
     `argv` is parsed like the script's command line (its `--config` names the TOML file); keyword overrides
-    (used by tests and Python callers) win over everything.
+    (used by tests and Python callers) win over everything. `--help` in `argv` prints the flags and raises
+    `SystemExit(0)`, as argparse does.
+
+    Raises:
+        ConfigError: an unknown flag (with "did you mean --<closest>?") or key, a value of the wrong type or
+            out of range, a setting given twice, a missing or unreadable TOML file; the message names the
+            flag or key.
     """
     parser = build_arg_parser()
-    args = vars(parser.parse_args(argv or []))
+    parsed, unknown = parser.parse_known_args(argv or [])
+    if unknown:
+        raise _unknown_flags(unknown)
+    args = vars(parsed)
     _reject_repeated_flags(argv or [])
     config_path = args.pop("config", None) or toml_path
     values: dict[str, Any] = read_toml(config_path) if config_path else {}

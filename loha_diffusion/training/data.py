@@ -11,12 +11,16 @@ Layouts of `train_data_dir` (checked in this order):
 Every random choice of a sample (crop, flip, caption dropout, and in `step.py` noise and timestep) comes from a
 generator seeded by `(seed, epoch, sample index)`, so a sample is the same whatever the number of processes,
 the batch it lands in, or whether the run was resumed.
+
+`scan_training_data`, `training_dataloader` and `compute_schedule` are what a run (and the dry run) use: the
+checked dataset from the config, its loader, and the step schedule it gives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +32,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import DataError
+from .config import TrainConfig
 from .step import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -35,10 +41,6 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _MAX_LISTED = 10  # problems listed in one error message
-
-
-class DataError(ValueError):
-    """The training data cannot be used; the message names the files and the fix."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,25 @@ def _kohya_candidates(
     return found
 
 
+def _candidates(
+    root: Path, caption_extension: str, image_column: str, caption_column: str, on_missing_caption: str
+) -> tuple[str, list[tuple[Path, str | None, int]]]:
+    """The layout of `root` and its (image, caption or None, repeats) entries, images not yet opened."""
+    if (root / "metadata.jsonl").is_file():
+        return "imagefolder", _imagefolder_candidates(root, image_column, caption_column)
+    concept_dirs = sorted(p for p in root.iterdir() if p.is_dir() and KOHYA_FOLDER.match(p.name))
+    if concept_dirs:
+        return "kohya", _kohya_candidates(root, concept_dirs, caption_extension, on_missing_caption)
+    candidates = [(p, _read_caption(p, caption_extension), 1) for p in sorted(root.iterdir()) if _is_image(p)]
+    if KOHYA_FOLDER.match(root.name) and candidates:
+        logger.warning(
+            "%s looks like a kohya '<repeats>_<concept>' folder; its repeat count applies only when "
+            "train_data_dir is its parent folder. Using each image once per epoch.",
+            root,
+        )
+    return "flat", candidates
+
+
 def scan_dataset(
     root: str | Path,
     *,
@@ -167,33 +188,22 @@ def scan_dataset(
 ) -> DatasetSummary:
     """Find and check every training image under `root` before training starts.
 
-    Missing captions and unreadable images raise `DataError` listing the files, unless `on_missing_caption` /
-    `on_bad_image` is `"skip"` (a warning names the skipped files). `on_missing_caption="folder_name"` uses the
-    kohya folder's concept (`10_sks dog` -> `sks dog`) as the caption.
+    Every image's header is read and verified (no pixels decoded). `on_missing_caption` / `on_bad_image` =
+    `"skip"` leaves those images out with a warning naming them; `on_missing_caption="folder_name"` uses the
+    kohya folder's concept (`10_sks dog` -> `sks dog`) as the caption. Images smaller than `resolution`
+    (pixels, shorter side) are counted and will be upscaled.
+
+    Raises:
+        DataError: `root` is missing, a `metadata.jsonl` line is bad, images are unreadable or without caption
+            (all of them listed, unless skipped), kohya folders and loose images are mixed, or nothing usable
+            is left; the message names the files and the fix.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"train_data_dir {root} does not exist or is not a folder")
-    if (root / "metadata.jsonl").is_file():
-        layout = "imagefolder"
-        candidates = _imagefolder_candidates(root, image_column, caption_column)
-    else:
-        concept_dirs = sorted(p for p in root.iterdir() if p.is_dir() and KOHYA_FOLDER.match(p.name))
-        if concept_dirs:
-            layout = "kohya"
-            candidates = _kohya_candidates(root, concept_dirs, caption_extension, on_missing_caption)
-        else:
-            layout = "flat"
-            candidates = [
-                (p, _read_caption(p, caption_extension), 1) for p in sorted(root.iterdir()) if _is_image(p)
-            ]
-            if KOHYA_FOLDER.match(root.name) and candidates:
-                logger.warning(
-                    "%s looks like a kohya '<repeats>_<concept>' folder; its repeat count applies only when "
-                    "train_data_dir is its parent folder. Using each image once per epoch.",
-                    root,
-                )
-
+    layout, candidates = _candidates(
+        root, caption_extension, image_column, caption_column, on_missing_caption
+    )
     records, skipped, missing_captions, bad_images = [], [], [], []
     small = 0
     for path, caption, repeats in candidates:
@@ -253,7 +263,11 @@ def scan_dataset(
 
 
 def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB, honouring the EXIF orientation; errors name the file."""
+    """Open an image as RGB, honouring the EXIF orientation.
+
+    Raises:
+        DataError: the file cannot be read as an image (the message names it).
+    """
     try:
         with Image.open(path) as image:
             return ImageOps.exif_transpose(image).convert("RGB")
@@ -264,7 +278,11 @@ def load_image(path: Path) -> Image.Image:
 def transform_image(
     image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool, generator: torch.Generator
 ) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square (center or random), maybe flip; CHW float in [-1, 1]."""
+    """Resize the short side to `resolution` (Lanczos), crop a square (center or random), maybe flip.
+
+    Returns a float32 CPU tensor of shape `(3, resolution, resolution)` with values in [-1, 1]. The crop offset
+    and the flip coin come from `generator` (the coin is drawn even with `random_flip` off).
+    """
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -286,7 +304,10 @@ def transform_image(
 
 
 class CaptionedImageDataset(Dataset):
-    """Samples of a scanned dataset, indexed by `(epoch, index)`; kohya repeats expand the index range."""
+    """Samples of a scanned dataset, indexed by `(epoch, index)`; kohya repeats expand the index range.
+
+    A sample is `{"pixel_values": float32 (3, resolution, resolution) in [-1, 1], "caption": str (empty when
+    dropped), "sample_seed": int}`, a function of `(seed, epoch, index)` only."""
 
     def __init__(
         self,
@@ -355,7 +376,8 @@ class EpochSampler(Sampler):
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pixel tensors; keep captions as a list and per-sample seeds as an int64 tensor."""
+    """A batch of B samples: `pixel_values` float32 `(B, 3, H, W)` in [-1, 1], `captions` a list of B strings,
+    `sample_seeds` int64 `(B,)` (one seed per sample for its noise, timestep and VAE sample, see `step.py`)."""
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "captions": [e["caption"] for e in examples],
@@ -379,3 +401,69 @@ def make_dataloader(
         persistent_workers=num_workers > 0,
     )
     return loader, sampler
+
+
+def scan_training_data(cfg: TrainConfig) -> DatasetSummary:
+    """`scan_dataset` of `cfg.train_data_dir` with the run's resolution, caption and skip settings.
+
+    Raises:
+        DataError: as `scan_dataset` (the message names the files and the fix).
+    """
+    return scan_dataset(
+        cfg.train_data_dir,
+        resolution=cfg.resolution,
+        caption_extension=cfg.caption_extension,
+        image_column=cfg.image_column,
+        caption_column=cfg.caption_column,
+        on_missing_caption=cfg.on_missing_caption,
+        on_bad_image=cfg.on_bad_image,
+    )
+
+
+def training_dataloader(cfg: TrainConfig, summary: DatasetSummary) -> tuple[DataLoader, EpochSampler]:
+    """The run's dataset of `summary.records` (crops, flips, caption dropout as `cfg` says) in a loader of
+    `cfg.train_batch_size` samples per batch; returns the loader and its sampler (the loop sets its epoch)."""
+    dataset = CaptionedImageDataset(
+        summary.records,
+        resolution=cfg.resolution,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        caption_dropout_rate=cfg.caption_dropout_rate,
+        seed=cfg.seed,
+    )
+    return make_dataloader(
+        dataset, batch_size=cfg.train_batch_size, num_workers=cfg.dataloader_num_workers, seed=cfg.seed
+    )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long training runs, in optimizer steps and epochs, for a dataset size and process count."""
+
+    num_samples: int
+    num_processes: int
+    batches_per_epoch: int  # per process
+    update_steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    total_batch_size: int  # samples per optimizer step over all processes
+
+
+def compute_schedule(cfg: TrainConfig, num_samples: int, num_processes: int = 1) -> Schedule:
+    """Steps per epoch, total steps and epochs as accelerate will run them (last batch kept, even batches).
+
+    `num_samples` is the samples per epoch (images times kohya repeats); `max_train_steps` wins over
+    `num_train_epochs`, and the epoch count is rounded up to cover it.
+    """
+    batches_per_epoch = math.ceil(num_samples / (cfg.train_batch_size * num_processes))
+    update_steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * update_steps_per_epoch
+    return Schedule(
+        num_samples=num_samples,
+        num_processes=num_processes,
+        batches_per_epoch=batches_per_epoch,
+        update_steps_per_epoch=update_steps_per_epoch,
+        max_train_steps=max_train_steps,
+        num_epochs=math.ceil(max_train_steps / update_steps_per_epoch),
+        total_batch_size=cfg.train_batch_size * cfg.gradient_accumulation_steps * num_processes,
+    )

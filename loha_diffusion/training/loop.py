@@ -1,6 +1,10 @@
-"""The training loop: load the base model, inject the adapter, train with accelerate, checkpoint, validate, export.
+"""The training run, as named steps over a `Run` in the order of diffusers' train_text_to_image_lora.py:
+accelerator → models → adapters → optimizer → data → schedule → prepare → resume → loop → export.
 
-`main(argv)` is what `scripts/train_loha_sd.py` runs; `train(cfg)` is the same from Python.
+`train(cfg)` reads top to bottom as those steps. The loop's parts are functions too: `train_step` (one
+micro-batch), `end_step` (count and log an optimizer step), `after_step` (the checkpoint / export /
+validation policy), `after_epoch` and `finish` (the final files). `main(argv)` is the command line;
+`scripts/train_loha_sd.py` parses first (without importing torch) and then calls `run_config`.
 """
 
 from __future__ import annotations
@@ -11,34 +15,45 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..model import inject_adapter
+from ..errors import ConfigError, LoHaDiffusionError
 from .checkpoint import (
-    CHECKPOINT_PREFIX,
     TrainState,
-    dataset_facts,
-    export_kohya,
-    export_peft,
-    prune_checkpoints,
+    load_checkpoint,
     register_adapter_state_hooks,
     resolve_resume_path,
+    save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, load_config
-from .data import CaptionedImageDataset, DataError, make_dataloader, scan_dataset
-from .plan import (
-    build_plan,
+from .config import TrainConfig, load_config, report_user_error
+from .data import (
+    DatasetSummary,
+    EpochSampler,
+    Schedule,
     compute_schedule,
-    format_plan,
-    text_encoder_adapter_config,
-    unet_adapter_config,
+    scan_training_data,
+    training_dataloader,
 )
+from .export import export_kohya, export_peft, training_metadata
+from .models import (
+    Models,
+    add_adapters,
+    freeze_base_models,
+    load_models,
+    make_lr_scheduler,
+    make_optimizer,
+    text_encoder_adapter_config,
+    trainable_param_groups,
+    unet_adapter_config,
+    weight_dtype,
+)
+from .plan import dry_run
 from .step import (
     denoising_loss,
     derive_seed,
@@ -46,112 +61,12 @@ from .step import (
     resolve_prediction_type,
     sample_noise_and_timesteps,
 )
+from .tracker import Tracker
 from .validation import Validator, fixed_denoising_loss
 
+__all__ = ["Run", "TrainConfig", "TrainResult", "dry_run", "load_config", "main", "run_config", "train"]
+
 logger = logging.getLogger("loha_diffusion.training")
-T = TypeVar("T")
-
-
-def load_with_hint(cfg: TrainConfig, loader: Callable[..., T]) -> T:
-    """Call `loader(revision=...)`, turning "not found" errors into a `ConfigError` that says what to do."""
-    path = cfg.pretrained_model_name_or_path
-    # "org/name" may be a hub id; a path whose first folder exists here (e.g. outputs/tiny-sd) is local.
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(
-            f"pretrained_model_name_or_path {path!r} does not exist. For the offline quick start create it with "
-            f"`loha-diffusion make-tiny {path}`."
-        )
-    try:
-        return loader(revision=cfg.revision)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot load the base model from pretrained_model_name_or_path = {path!r} "
-            f"(revision {cfg.revision!r}): {exc}\nUse a local diffusers folder (model_index.json, unet/, vae/, "
-            f"text_encoder/, tokenizer/, scheduler/) or a hub id you can reach; offline, make a tiny one with "
-            f"`loha-diffusion make-tiny {path}`."
-        ) from None
-
-
-@dataclass
-class Models:
-    """The base model's parts, as diffusers' training scripts load them."""
-
-    tokenizer: Any
-    text_encoder: nn.Module
-    vae: nn.Module
-    unet: nn.Module
-    noise_scheduler: Any
-
-
-def load_models(cfg: TrainConfig) -> Models:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler from a diffusers folder or hub id."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = cfg.pretrained_model_name_or_path
-    weights = {"variant": cfg.variant}
-    models = Models(
-        tokenizer=load_with_hint(
-            cfg, lambda **kw: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        ),
-        text_encoder=load_with_hint(
-            cfg, lambda **kw: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights, **kw)
-        ),
-        vae=load_with_hint(
-            cfg, lambda **kw: AutoencoderKL.from_pretrained(path, subfolder="vae", **weights, **kw)
-        ),
-        unet=load_with_hint(
-            cfg, lambda **kw: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights, **kw)
-        ),
-        noise_scheduler=load_with_hint(
-            cfg, lambda **kw: DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
-        ),
-    )
-    if models.unet.config.get("addition_embed_type") is not None:
-        raise ConfigError(
-            f"{path} is an SDXL-type model (its UNet has {models.unet.config.addition_embed_type!r} embeddings); "
-            "this trainer handles SD1.x/SD2.x. Adapters for SDXL can be loaded and exported, not trained here."
-        )
-    return models
-
-
-def enable_xformers(unet: nn.Module) -> None:
-    """Switch the UNet to xformers attention, or raise a `ConfigError` saying why it cannot run."""
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "enable_xformers_memory_efficient_attention needs xformers: `pip install xformers` (matching your "
-            "torch build), or drop the flag to use PyTorch SDPA attention (the default, usually as fast)."
-        ) from None
-    try:
-        unet.enable_xformers_memory_efficient_attention()
-    except (ValueError, RuntimeError, NotImplementedError) as exc:
-        raise ConfigError(
-            f"xformers is installed but cannot run here: {exc}. Drop the flag to use SDPA."
-        ) from None
-
-
-def make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW with `use_8bit_adam` (a `ConfigError` if it is not installed)."""
-    optimizer_cls = torch.optim.AdamW
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError(
-                "use_8bit_adam needs bitsandbytes: `pip install bitsandbytes` (or `pip install "
-                "loha-diffusion[bnb]`), or drop the flag to use torch AdamW."
-            ) from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    return optimizer_cls(
-        param_groups,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
 
 
 @dataclass
@@ -168,12 +83,128 @@ class TrainResult:
     last_loss: float | None = None
 
 
-def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
-    # TensorBoard hparams take scalars and strings only.
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+@dataclass
+class Run:
+    """A prepared training run: what the steps of `train` share.
+
+    `models` holds the unwrapped modules (checkpoints, exports and validation read their adapters); `unet`
+    and `text_encoder` are what `accelerator.prepare` returned (the training step calls them; the text
+    encoder is prepared only when trained). `state.global_step` counts optimizer steps, `epoch` is the
+    0-based epoch in progress, `micro_step`/`loss_sum` the micro-batches since the last optimizer step and
+    their summed losses."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    summary: DatasetSummary
+    schedule: Schedule
+    models: Models
+    unet: nn.Module
+    text_encoder: nn.Module
+    prediction_type: str
+    params: list[nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Iterable[dict[str, Any]]
+    sampler: EpochSampler
+    state: TrainState
+    tracker: Tracker
+    result: TrainResult
+    validator: Validator | None = None
+    started_at: float = field(default_factory=time.time)  # Unix time, for the file metadata
+    epoch: int = 0
+    micro_step: int = 0
+    loss_sum: float = 0.0
+    progress: Any = None  # tqdm bar of optimizer steps (main process shows it)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the run writes its files (`cfg.output_dir`)."""
+        return Path(self.cfg.output_dir)
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes files, logs and validates (accelerate's main process)."""
+        return self.accelerator.is_main_process
 
 
-def _setup_logging(is_main: bool) -> None:
+def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
+    """Run the training `cfg` describes and return where the outputs are.
+
+    `stop_at_step` stops after that optimizer step without the final export, as if the job were killed
+    there (tests use it with `checkpointing_steps` to check that resume is exact).
+
+    Raises:
+        ConfigError: a setting, the base model, the launcher or a checkpoint to resume cannot be used.
+        DataError: the training data cannot be used (checked before any model is loaded).
+        FloatingPointError: the loss became NaN or infinite (the message says what to change).
+    """
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg)
+    setup_logging(accelerator.is_main_process)
+    # Data and settings first: their errors should stop the run before minutes of model loading.
+    summary = scan_training_data(cfg)
+    logger.info("data: %s", summary.describe())
+    unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
+    resume_path = resolve_resume_path(cfg)
+
+    set_seed(cfg.seed)  # the same adapter initialisation in every process
+    models = load_models(cfg)
+    prediction_type = resolve_prediction_type(models.noise_scheduler, cfg.prediction_type)
+    freeze_base_models(models, accelerator.device, weight_dtype(accelerator.mixed_precision))
+    add_adapters(models, cfg, unet_config, te_config)
+    optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models))
+    loader, sampler = training_dataloader(cfg, summary)
+    schedule = compute_schedule(cfg, len(loader.dataset), accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(cfg, optimizer, schedule.max_train_steps, accelerator.num_processes)
+    run = prepare(
+        accelerator, cfg, summary, schedule, models, prediction_type, optimizer, lr_scheduler, loader, sampler
+    )
+    start_outputs(run)
+    if resume_path is not None:
+        load_checkpoint(accelerator, resume_path, run.state)
+    completed = train_epochs(run, stop_at_step)
+    return finish(run, completed)
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """The run's `accelerate.Accelerator`: accumulation, mixed precision, tracker and project folders from
+    `cfg`; several CPU processes (a launch without GPUs) are joined with gloo.
+
+    Raises:
+        ConfigError: accelerate joined another number of processes than were launched, or DeepSpeed is used
+            with `train_text_encoder` (DeepSpeed takes one model).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    output_dir = Path(cfg.output_dir)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        # Launched as several processes on a machine without GPUs: accelerate only joins them (gloo) with
+        # cpu=True; otherwise every process would silently train alone and write the same files.
+        cpu=world_size > 1 and not torch.cuda.is_available(),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)
+        ),
+        # Module dropout leaves whole adapters out of some steps; DDP must then look for unused parameters.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.module_dropout > 0)],
+    )
+    if accelerator.num_processes != world_size:
+        raise ConfigError(
+            f"launched as {world_size} processes but accelerate joined {accelerator.num_processes}; "
+            "check the launcher's settings (`accelerate config`)"
+        )
+    if accelerator.distributed_type == "DEEPSPEED" and cfg.train_text_encoder:
+        raise ConfigError("train_text_encoder is not supported with DeepSpeed (it takes one model); use DDP")
+    return accelerator
+
+
+def setup_logging(is_main: bool) -> None:
+    """INFO logs from the main process, errors only from the others; quiet accelerate, no loading bars."""
     import diffusers
     import transformers
 
@@ -191,366 +222,333 @@ def _setup_logging(is_main: bool) -> None:
         diffusers.utils.logging.set_verbosity_error()
 
 
-def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
-    """Run the training `cfg` describes and return where the outputs are.
-
-    `stop_at_step` stops after that optimizer step without the final export, as if the job were killed
-    there (tests use it with `checkpointing_steps` to check that resume is exact)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
-    output_dir = Path(cfg.output_dir)
-    logging_dir = output_dir / cfg.logging_dir
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(
-        # Launched as several processes on a machine without GPUs: accelerate only joins them (gloo) with
-        # cpu=True; otherwise every process would silently train alone and write the same files.
-        cpu=world_size > 1 and not torch.cuda.is_available(),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
-        # Module dropout leaves whole adapters out of some steps; DDP must then look for unused parameters.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.module_dropout > 0)],
-    )
-    if accelerator.num_processes != world_size:
-        raise RuntimeError(
-            f"launched as {world_size} processes but accelerate joined {accelerator.num_processes}; "
-            "check the launcher's settings (`accelerate config`)"
-        )
-    if accelerator.distributed_type == "DEEPSPEED" and cfg.train_text_encoder:
-        raise ConfigError("train_text_encoder is not supported with DeepSpeed (it takes one model); use DDP")
-    is_main = accelerator.is_main_process
-    _setup_logging(is_main)
-
-    # Data first: bad data should stop the run before any model is loaded.
-    summary = scan_training_data(cfg)
-    logger.info("data: %s", summary.describe())
-    # Config problems that need no model surface now, before minutes of loading.
-    unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
-    resume_path = resolve_resume_path(cfg)
-
-    set_seed(cfg.seed)  # identical adapter init in every process
-    models = load_models(cfg)
-    tokenizer, text_encoder, vae, unet = models.tokenizer, models.text_encoder, models.vae, models.unet
-    noise_scheduler = models.noise_scheduler
-    prediction_type = resolve_prediction_type(noise_scheduler, cfg.prediction_type)
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
-    for model in (vae, text_encoder, unet):
-        model.requires_grad_(False)
-        model.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            model.to(dtype=weight_dtype)
-    # Adapters are created in fp32 on the base layer's device (mixed precision keeps trainable weights fp32).
-    inject_adapter(unet, unet_config)
-    if te_config is not None:
-        inject_adapter(text_encoder, te_config)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if te_config is not None:
-            text_encoder.gradient_checkpointing_enable()
-    if cfg.enable_xformers_memory_efficient_attention:
-        enable_xformers(unet)
-    unet.train()
-    text_encoder.train(te_config is not None)
-    vae.eval()
-
-    unet_params = [p for p in unet.parameters() if p.requires_grad]
-    param_groups = [{"params": unet_params, "lr": cfg.learning_rate}]
-    te_params: list[nn.Parameter] = []
-    if te_config is not None:
-        te_params = [p for p in text_encoder.parameters() if p.requires_grad]
-        param_groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
-    optimizer = make_optimizer(cfg, param_groups)
-
-    dataset = CaptionedImageDataset(
-        summary.records,
-        resolution=cfg.resolution,
-        center_crop=cfg.center_crop,
-        random_flip=cfg.random_flip,
-        caption_dropout_rate=cfg.caption_dropout_rate,
-        seed=cfg.seed,
-    )
-    loader, sampler = make_dataloader(
-        dataset, batch_size=cfg.train_batch_size, num_workers=cfg.dataloader_num_workers, seed=cfg.seed
-    )
-    schedule = compute_schedule(cfg, len(dataset), accelerator.num_processes)
-    # accelerate steps a prepared scheduler once per process per optimizer step, hence the factor (as diffusers).
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=schedule.max_train_steps * accelerator.num_processes,
-        num_cycles=cfg.lr_num_cycles,
-        power=cfg.lr_power,
-    )
-    if te_config is not None:
+def prepare(
+    accelerator: Any,
+    cfg: TrainConfig,
+    summary: DatasetSummary,
+    schedule: Schedule,
+    models: Models,
+    prediction_type: str,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    loader: Any,
+    sampler: EpochSampler,
+) -> Run:
+    """Hand the trained models, optimizer, loader and LR scheduler to `accelerator.prepare`, register the
+    resume state (only adapter tensors are checkpointed), and return the `Run`."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # what gradient clipping sees
+    if cfg.train_text_encoder:
         unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, loader, lr_scheduler
+            models.unet, models.text_encoder, optimizer, loader, lr_scheduler
         )
     else:
-        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    raw_unet = accelerator.unwrap_model(unet)
-    raw_te = accelerator.unwrap_model(text_encoder)
+        text_encoder = models.text_encoder
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(
+            models.unet, optimizer, loader, lr_scheduler
+        )
+    models.unet, models.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     state = TrainState(
         update_steps_per_epoch=schedule.update_steps_per_epoch,
         total_batch_size=schedule.total_batch_size,
         seed=cfg.seed,
     )
     accelerator.register_for_checkpointing(state)
-    register_adapter_state_hooks(
-        accelerator, {"unet": raw_unet, **({"text_encoder": raw_te} if te_config else {})}
+    trained = {"unet": models.unet, "text_encoder": models.text_encoder}
+    register_adapter_state_hooks(accelerator, trained if cfg.train_text_encoder else {"unet": models.unet})
+    output_dir = Path(cfg.output_dir)
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        summary=summary,
+        schedule=schedule,
+        models=models,
+        unet=unet,
+        text_encoder=text_encoder,
+        prediction_type=prediction_type,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        loader=loader,
+        sampler=sampler,
+        state=state,
+        tracker=Tracker(accelerator, cfg),
+        result=TrainResult(output_dir=output_dir, global_step=0, logging_dir=output_dir / cfg.logging_dir),
+        validator=make_validator(cfg, accelerator, models),
     )
 
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.toml").write_text(cfg.to_toml(), encoding="utf-8")
-        if cfg.report_to != "none":
-            accelerator.init_trackers("loha_diffusion", config=_tracker_config(cfg))
 
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        geometry = (schedule.update_steps_per_epoch, schedule.total_batch_size, cfg.seed)
-        saved = (state.update_steps_per_epoch, state.total_batch_size, state.seed)
-        if geometry != saved:
-            raise ConfigError(
-                f"cannot resume from {resume_path}: it was written with (steps per epoch, total batch size, seed) "
-                f"= {saved}, this run has {geometry}; keep the dataset, batch settings, process count and seed"
-            )
-        logger.info("resumed from %s at step %d", resume_path, state.global_step)
-    global_step = state.global_step
-    first_epoch = global_step // schedule.update_steps_per_epoch
-    skip_batches = (global_step % schedule.update_steps_per_epoch) * cfg.gradient_accumulation_steps
+def make_validator(cfg: TrainConfig, accelerator: Any, models: Models) -> Validator | None:
+    """The validation renderer on the main process when `validation_prompt` is set, else None."""
+    if not (accelerator.is_main_process and cfg.validation_prompt):
+        return None
+    return Validator(
+        model_path=cfg.pretrained_model_name_or_path,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        prompts=cfg.validation_prompt,
+        images_per_prompt=cfg.num_validation_images,
+        resolution=cfg.validation_resolution or cfg.resolution,
+        num_inference_steps=cfg.validation_num_inference_steps,
+        guidance_scale=cfg.validation_guidance_scale,
+        seed=cfg.seed,
+        vae=models.vae,
+        tokenizer=models.tokenizer,
+        device=accelerator.device,
+        dtype=weight_dtype(accelerator.mixed_precision),
+        output_dir=cfg.output_dir,
+    )
 
-    result = TrainResult(output_dir=output_dir, global_step=global_step, logging_dir=logging_dir)
-    started_at = time.time()
-    training_info = {
-        "max_train_steps": schedule.max_train_steps,
-        "resolution": cfg.resolution,
-        "num_train_images": len(summary.records),
-        "training_started_at": started_at,
-        "learning_rate": cfg.learning_rate,
-        "unet_lr": cfg.learning_rate,
-        "text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if te_config else None,
-        "lr_scheduler": cfg.lr_scheduler,
-        "optimizer": "AdamW8bit" if cfg.use_8bit_adam else "AdamW",
-        "batch_size": schedule.total_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "mixed_precision": accelerator.mixed_precision,
-        "seed": cfg.seed,
-        "noise_offset": cfg.noise_offset or None,
-        "min_snr_gamma": cfg.snr_gamma,
-        "sd_model_name": cfg.pretrained_model_name_or_path,
-        "prediction_type": prediction_type,
-        **dataset_facts(summary.records),
-    }
 
-    def export(path: Path, epoch: int) -> Path:
-        info = {**training_info, "steps": global_step, "epoch": epoch, "epochs": schedule.num_epochs}
-        te = raw_te if te_config is not None else None
-        written = export_kohya(
-            path, cfg, unet=raw_unet, text_encoder=te, prediction_type=prediction_type, training_info=info
-        )
-        logger.info("wrote %s", written)
-        return written
+def start_outputs(run: Run) -> None:
+    """Main process: create `output_dir`, write the effective `train_config.toml`, start the tracker."""
+    if run.is_main:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / "train_config.toml").write_text(run.cfg.to_toml(), encoding="utf-8")
+        run.tracker.start(run.cfg)
 
-    validator = None
-    if is_main and cfg.validation_prompt:
-        validator = Validator(
-            model_path=cfg.pretrained_model_name_or_path,
-            revision=cfg.revision,
-            variant=cfg.variant,
-            prompts=cfg.validation_prompt,
-            images_per_prompt=cfg.num_validation_images,
-            resolution=cfg.validation_resolution or cfg.resolution,
-            num_inference_steps=cfg.validation_num_inference_steps,
-            guidance_scale=cfg.validation_guidance_scale,
-            seed=cfg.seed,
-            vae=vae,
-            tokenizer=tokenizer,
-            device=accelerator.device,
-            dtype=weight_dtype,
-            output_dir=output_dir,
-        )
 
-    def eval_loss() -> dict[str, Any]:
-        """Main process only: the fixed-set denoising loss, recorded and returned as tracker logs."""
-        with accelerator.autocast():
-            loss = fixed_denoising_loss(
-                raw_unet,
-                raw_te,
-                tokenizer,
-                vae,
-                noise_scheduler,
-                summary.records,
-                resolution=cfg.resolution,
-                prediction_type=prediction_type,
-                seed=cfg.seed,
-            )
-        result.eval_losses[global_step] = loss
-        return {"eval/denoising_loss": loss}
+def train_epochs(run: Run, stop_at_step: int | None) -> bool:
+    """The loop, from the optimizer step after `run.state.global_step` (0, or where a resume left off) to
+    `max_train_steps`; returns False if it stopped early at `stop_at_step`.
 
-    def validate(adapter_file: Path | None) -> None:
-        """Main process only: fixed-set loss, and the image grid from `adapter_file` (a temp export if None)."""
-        logs = eval_loss()
-        if validator is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                file = adapter_file or export(Path(tmp) / f"{cfg.name}.safetensors", epoch)
-                grid, path = validator.render(file, global_step)
-            result.validation_images.append(path)
-            logger.info("validation grid: %s", path)
-            if cfg.report_to == "tensorboard":
-                import numpy as np
+    A resumed epoch skips the batches already trained (the sample order is a function of seed and epoch).
 
-                writer = accelerator.get_tracker("tensorboard", unwrap=True)
-                writer.add_image("validation", np.asarray(grid), global_step, dataformats="HWC")
-            elif cfg.report_to == "wandb":
-                import wandb
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (see `end_step`).
+    """
+    state, schedule = run.state, run.schedule
+    first_epoch = state.global_step // schedule.update_steps_per_epoch
+    skip_batches = (state.global_step % schedule.update_steps_per_epoch) * run.cfg.gradient_accumulation_steps
+    begin_loop(run)
+    run.epoch = first_epoch
+    for epoch in range(first_epoch, schedule.num_epochs):
+        run.epoch = epoch
+        if state.global_step >= schedule.max_train_steps:
+            break
+        for batch in epoch_batches(run, skip_batches if epoch == first_epoch else 0):
+            if not train_step(run, batch):
+                continue
+            end_step(run)
+            after_step(run)
+            if stop_at_step is not None and state.global_step >= stop_at_step:
+                return False
+            if state.global_step >= schedule.max_train_steps:
+                break
+        after_epoch(run)
+    return True
 
-                logs["validation"] = wandb.Image(grid, caption=" | ".join(cfg.validation_prompt))
-        if cfg.report_to != "none":
-            accelerator.log(logs, step=global_step)
 
-    if is_main and global_step == 0:
-        # The starting point of the fixed-set loss curve (the adapter starts as a zero update).
-        logs = eval_loss()
-        if cfg.report_to != "none":
-            accelerator.log(logs, step=0)
-    progress = tqdm(
-        total=schedule.max_train_steps,
-        initial=global_step,
+def begin_loop(run: Run) -> None:
+    """A fresh run logs the fixed-set loss of step 0 (the adapter starts as a zero update); show the bar."""
+    from tqdm.auto import tqdm
+
+    if run.is_main and run.state.global_step == 0:
+        run.tracker.log(eval_loss(run), step=0)
+    run.progress = tqdm(
+        total=run.schedule.max_train_steps,
+        initial=run.state.global_step,
         desc="steps",
-        disable=not is_main,
+        disable=not run.is_main,
         dynamic_ncols=True,
     )
-    trained = [m for m in (unet, text_encoder if te_config is not None else None) if m is not None]
-    params = unet_params + te_params
-    micro_step = 0
-    loss_sum = 0.0
-    epoch = first_epoch
-    done = global_step >= schedule.max_train_steps
-    for epoch in range(first_epoch, schedule.num_epochs):
-        if done:
-            break
-        sampler.set_position(epoch)
-        epoch_loader = loader
-        if epoch == first_epoch and skip_batches:
-            epoch_loader = accelerator.skip_first_batches(loader, skip_batches)
-        for batch in epoch_loader:
-            # Dropout masks depend only on (seed, step, micro-step, process), not on RNG history: exact resume.
-            torch.manual_seed(
-                derive_seed(cfg.seed, "step", global_step, micro_step, accelerator.process_index)
-            )
-            with accelerator.accumulate(*trained):
-                seeds = batch["sample_seeds"]
-                latents = encode_latents(vae, batch["pixel_values"], seeds)
-                noise, timesteps = sample_noise_and_timesteps(
-                    latents, seeds, noise_scheduler.config.num_train_timesteps, cfg.noise_offset
-                )
-                input_ids = tokenizer(
-                    batch["captions"],
-                    padding="max_length",
-                    max_length=tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(accelerator.device)
-                with torch.set_grad_enabled(te_config is not None):
-                    encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-                loss = denoising_loss(
-                    unet,
-                    noise_scheduler,
-                    latents,
-                    encoder_hidden_states,
-                    noise,
-                    timesteps,
-                    prediction_type=prediction_type,
-                    snr_gamma=cfg.snr_gamma,
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += accelerator.gather(loss.detach()).mean().item()
-            micro_step += 1
-            if not accelerator.sync_gradients:
-                continue
 
-            global_step += 1
-            state.global_step = global_step
-            result.last_loss = loss_sum / micro_step
-            micro_step, loss_sum = 0, 0.0
-            lrs = lr_scheduler.get_last_lr()
-            logs = {"train/loss": result.last_loss, "train/lr": lrs[0]}
-            if te_config is not None:
-                logs["train/lr_text_encoder"] = lrs[1]
-            progress.update(1)
-            progress.set_postfix(loss=f"{result.last_loss:.4f}", lr=f"{lrs[0]:.2e}")
-            if cfg.report_to != "none":
-                accelerator.log(logs, step=global_step)
-            if not math.isfinite(result.last_loss):
-                raise FloatingPointError(
-                    f"loss is {result.last_loss} at step {global_step}; lower learning_rate or alpha, use bf16 "
-                    "instead of fp16, or resume from an earlier checkpoint"
-                )
 
-            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                if is_main:
-                    prune_checkpoints(output_dir, cfg.checkpoints_total_limit)
-                accelerator.wait_for_everyone()
-                accelerator.save_state(str(output_dir / f"{CHECKPOINT_PREFIX}{global_step}"))
-                logger.info("saved training state %s", output_dir / f"{CHECKPOINT_PREFIX}{global_step}")
-            if is_main:
-                step_file = None
-                if cfg.save_every_n_steps and global_step % cfg.save_every_n_steps == 0:
-                    step_file = export(
-                        output_dir / f"{cfg.name}-step{global_step:08d}.safetensors", epoch + 1
-                    )
-                final = global_step >= schedule.max_train_steps  # the end of training validates anyway
-                if cfg.validation_steps and global_step % cfg.validation_steps == 0 and not final:
-                    validate(step_file)
-            if stop_at_step is not None and global_step >= stop_at_step:
-                progress.close()
-                accelerator.wait_for_everyone()
-                accelerator.end_training()
-                result.global_step = global_step
-                return result
-            if global_step >= schedule.max_train_steps:
-                done = True
-                break
-        if (
-            is_main
-            and cfg.save_every_n_epochs
-            and (epoch + 1) % cfg.save_every_n_epochs == 0
-            and (epoch + 1) < schedule.num_epochs
-        ):
-            export(output_dir / f"{cfg.name}-{epoch + 1:06d}.safetensors", epoch + 1)
-    progress.close()
+def epoch_batches(run: Run, skip: int) -> Iterable[dict[str, Any]]:
+    """The batches of epoch `run.epoch` (the sampler's order for it), without the first `skip`."""
+    run.sampler.set_position(run.epoch)
+    return run.accelerator.skip_first_batches(run.loader, skip) if skip else run.loader
 
+
+def train_step(run: Run, batch: dict[str, Any]) -> bool:
+    """Forward and backward of one micro-batch and, when gradient accumulation is complete, the clipped
+    optimizer and LR-scheduler step. Returns True when an optimizer step happened."""
+    accelerator, cfg = run.accelerator, run.cfg
+    # Dropout masks depend only on (seed, step, micro-step, process), not on RNG history: exact resume.
+    torch.manual_seed(
+        derive_seed(cfg.seed, "step", run.state.global_step, run.micro_step, accelerator.process_index)
+    )
+    trained = (run.unet, run.text_encoder) if cfg.train_text_encoder else (run.unet,)
+    with accelerator.accumulate(*trained):
+        loss = batch_loss(run, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.loss_sum += accelerator.gather(loss.detach()).mean().item()
+    run.micro_step += 1
+    return accelerator.sync_gradients
+
+
+def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """The denoising loss (0-dim float32) of one micro-batch (`data.collate`'s dict) through the prepared
+    UNet and text encoder; latents, noise and timesteps come from the batch's per-sample seeds."""
+    models, cfg = run.models, run.cfg
+    seeds = batch["sample_seeds"]
+    latents = encode_latents(models.vae, batch["pixel_values"], seeds)
+    noise, timesteps = sample_noise_and_timesteps(
+        latents, seeds, models.noise_scheduler.config.num_train_timesteps, cfg.noise_offset
+    )
+    input_ids = models.tokenizer(
+        batch["captions"],
+        padding="max_length",
+        max_length=models.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(run.accelerator.device)
+    with torch.set_grad_enabled(cfg.train_text_encoder):
+        encoder_hidden_states = run.text_encoder(input_ids, return_dict=False)[0]
+    return denoising_loss(
+        run.unet,
+        models.noise_scheduler,
+        latents,
+        encoder_hidden_states,
+        noise,
+        timesteps,
+        prediction_type=run.prediction_type,
+        snr_gamma=cfg.snr_gamma,
+    )
+
+
+def end_step(run: Run) -> None:
+    """Count the optimizer step just taken; log its loss (mean over its micro-batches and processes) and
+    learning rates to the bar and the tracker.
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite.
+    """
+    state = run.state
+    state.global_step += 1
+    loss = run.result.last_loss = run.loss_sum / run.micro_step
+    run.micro_step, run.loss_sum = 0, 0.0
+    lrs = run.lr_scheduler.get_last_lr()
+    logs = {"train/loss": loss, "train/lr": lrs[0]}
+    if run.cfg.train_text_encoder:
+        logs["train/lr_text_encoder"] = lrs[1]
+    run.progress.update(1)
+    run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
+    run.tracker.log(logs, step=state.global_step)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} at step {state.global_step}; lower learning_rate or alpha, use bf16 "
+            "instead of fp16, or resume from an earlier checkpoint"
+        )
+
+
+def after_step(run: Run) -> None:
+    """The policy after each optimizer step: the training state every `checkpointing_steps` (all
+    processes), then on the main process the Kohya file every `save_every_n_steps` and validation every
+    `validation_steps` (not at the last step: `finish` validates the final file)."""
+    cfg, step = run.cfg, run.state.global_step
+    if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+        save_checkpoint(run.accelerator, run.output_dir, step, cfg.checkpoints_total_limit)
+    if not run.is_main:
+        return
+    step_file = None
+    if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+        step_file = write_kohya(run, run.output_dir / f"{cfg.name}-step{step:08d}.safetensors", run.epoch + 1)
+    final = step >= run.schedule.max_train_steps
+    if cfg.validation_steps and step % cfg.validation_steps == 0 and not final:
+        validate(run, step_file)
+
+
+def after_epoch(run: Run) -> None:
+    """Main process: the Kohya file every `save_every_n_epochs` epochs (not after the last: `finish` writes it)."""
+    cfg, done = run.cfg, run.epoch + 1
+    if run.is_main and cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0:
+        if done < run.schedule.num_epochs:
+            write_kohya(run, run.output_dir / f"{cfg.name}-{done:06d}.safetensors", done)
+
+
+def write_kohya(run: Run, path: Path, epoch: int, finished_at: float | None = None) -> Path:
+    """Export the adapters as they are now to the Kohya file `path`, with the run's training metadata."""
+    info = training_metadata(
+        run.cfg,
+        run.schedule,
+        run.summary,
+        prediction_type=run.prediction_type,
+        mixed_precision=run.accelerator.mixed_precision,
+        started_at=run.started_at,
+        step=run.state.global_step,
+        epoch=epoch,
+        finished_at=finished_at,
+    )
+    text_encoder = run.models.text_encoder if run.cfg.train_text_encoder else None
+    return export_kohya(
+        path,
+        run.cfg,
+        unet=run.models.unet,
+        text_encoder=text_encoder,
+        prediction_type=run.prediction_type,
+        training_info=info,
+    )
+
+
+def eval_loss(run: Run) -> dict[str, float]:
+    """Main process: the fixed-set denoising loss now, recorded in `run.result` and returned as tracker logs."""
+    models = run.models
+    with run.accelerator.autocast():
+        loss = fixed_denoising_loss(
+            models.unet,
+            models.text_encoder,
+            models.tokenizer,
+            models.vae,
+            models.noise_scheduler,
+            run.summary.records,
+            resolution=run.cfg.resolution,
+            prediction_type=run.prediction_type,
+            seed=run.cfg.seed,
+        )
+    run.result.eval_losses[run.state.global_step] = loss
+    return {"eval/denoising_loss": loss}
+
+
+def validate(run: Run, adapter_file: Path | None) -> None:
+    """Main process: the fixed-set loss, and the image grid from `adapter_file` (a temporary export if None)."""
+    logs, step = eval_loss(run), run.state.global_step
+    if run.validator is None:
+        run.tracker.log(logs, step=step)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        file = adapter_file or write_kohya(run, Path(tmp) / f"{run.cfg.name}.safetensors", run.epoch)
+        grid, path = run.validator.render(file, step)
+    run.result.validation_images.append(path)
+    logger.info("validation grid: %s", path)
+    run.tracker.log_validation(logs, grid, step)
+
+
+def finish(run: Run, completed: bool) -> TrainResult:
+    """End the run. When it `completed`: the final Kohya file (and PEFT folder), validated, and a summary of
+    what was written on stdout; when stopped early, nothing more is written. Returns `run.result`."""
+    accelerator = run.accelerator
+    run.progress.close()
     accelerator.wait_for_everyone()
-    result.global_step = global_step
-    if is_main:
-        training_info["training_finished_at"] = time.time()
-        result.kohya_file = export(output_dir / f"{cfg.name}.safetensors", epoch + 1)
-        if cfg.save_peft_format:
-            result.peft_dir = export_peft(
-                output_dir / f"{cfg.name}_peft",
-                cfg,
-                unet=raw_unet,
-                text_encoder=raw_te if te_config else None,
-            )
-        validate(result.kohya_file)
-    accelerator.wait_for_everyone()
+    run.result.global_step = run.state.global_step
+    if completed and run.is_main:
+        write_final_outputs(run)
+    if completed:
+        accelerator.wait_for_everyone()
     accelerator.end_training()
-    if is_main:
-        print(summary_text(result, cfg))
-    return result
+    if completed and run.is_main:
+        print(summary_text(run.result, run.cfg))
+    return run.result
+
+
+def write_final_outputs(run: Run) -> None:
+    """Main process: `<name>.safetensors`, `<name>_peft/` (with `save_peft_format`), then validate the file."""
+    cfg, result = run.cfg, run.result
+    result.kohya_file = write_kohya(
+        run, run.output_dir / f"{cfg.name}.safetensors", run.epoch + 1, finished_at=time.time()
+    )
+    if cfg.save_peft_format:
+        result.peft_dir = export_peft(
+            run.output_dir / f"{cfg.name}_peft",
+            cfg,
+            unet=run.models.unet,
+            text_encoder=run.models.text_encoder if cfg.train_text_encoder else None,
+        )
+    validate(run, result.kohya_file)
 
 
 def summary_text(result: TrainResult, cfg: TrainConfig) -> str:
@@ -574,39 +572,25 @@ def summary_text(result: TrainResult, cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
-def scan_training_data(cfg: TrainConfig):
-    """Check and summarise the training data as `cfg` describes it (errors name the file)."""
-    return scan_dataset(
-        cfg.train_data_dir,
-        resolution=cfg.resolution,
-        caption_extension=cfg.caption_extension,
-        image_column=cfg.image_column,
-        caption_column=cfg.caption_column,
-        on_missing_caption=cfg.on_missing_caption,
-        on_bad_image=cfg.on_bad_image,
-    )
-
-
-def dry_run(cfg: TrainConfig) -> str:
-    """The `--dry_run` plan: checks the data and the model config, loads no weights."""
-    from accelerate import PartialState
-
-    summary = scan_training_data(cfg)
-    plan = build_plan(cfg, summary.num_samples, PartialState().num_processes)
-    return format_plan(cfg, plan, summary.describe())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: parse flags (and `--config`), then train or print the dry-run plan."""
-    argv = sys.argv[1:] if argv is None else argv
+def run_config(cfg: TrainConfig) -> int:
+    """Train, or print the `--dry_run` plan, for a parsed config; returns the exit status: 0, or 2 after
+    printing a user error (`error: ...` on stderr, no traceback)."""
     try:
-        cfg = load_config(argv)
         if cfg.dry_run:
             logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
             print(dry_run(cfg))
-            return 0
-        train(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        else:
+            train(cfg)
+    except LoHaDiffusionError as exc:
+        return report_user_error(exc)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: parse flags (and `--config`), then train or print the dry-run plan; returns the
+    exit status (2 for a bad config, dataset or base model, with the message on stderr)."""
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        return report_user_error(exc)
+    return run_config(cfg)

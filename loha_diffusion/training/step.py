@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
+from ..errors import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -28,10 +30,14 @@ def _seed_list(seeds: torch.Tensor | Sequence[int]) -> list[int]:
 
 
 def resolve_prediction_type(scheduler, override: str | None = None) -> str:
-    """The target the UNet predicts: `override` if given, else the scheduler config's `prediction_type`."""
+    """The target the UNet predicts: `override` if given, else the scheduler config's `prediction_type`.
+
+    Raises:
+        ConfigError: the result is not "epsilon" or "v_prediction" (e.g. a scheduler configured for "sample").
+    """
     prediction_type = override or scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"prediction_type {prediction_type!r} is not supported for training; use one of {PREDICTION_TYPES}"
         )
     return prediction_type
@@ -39,7 +45,16 @@ def resolve_prediction_type(scheduler, override: str | None = None) -> str:
 
 @torch.no_grad()
 def encode_latents(vae, pixel_values: torch.Tensor, seeds: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """VAE latents of `pixel_values` (in [-1, 1]), sampled with one generator per sample, times the scaling factor."""
+    """VAE latents of `pixel_values`, sampled with one CPU generator per sample, times the scaling factor.
+
+    Args:
+        vae: diffusers `AutoencoderKL` (its device and dtype are used).
+        pixel_values: `(B, 3, H, W)` in [-1, 1], any device/dtype (moved to the VAE's).
+        seeds: B per-sample seeds.
+
+    Returns:
+        `(B, 4, H/8, W/8)` latents on the VAE's device, in its dtype; no gradient.
+    """
     generators = [torch.Generator().manual_seed(derive_seed(s, "vae")) for s in _seed_list(seeds)]
     pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
     latents = vae.encode(pixel_values).latent_dist.sample(generator=generators)
@@ -56,6 +71,13 @@ def sample_noise_and_timesteps(
 
     Noise offset adds `noise_offset * n` with one `n ~ N(0, 1)` per sample and channel (Guttenberg's trick,
     as in diffusers), which lets the model learn overall brightness.
+
+    Args:
+        latents: `(B, C, h, w)`; only its shape, device and dtype are used.
+        seeds: B per-sample seeds; each sample's draws come from its own CPU generator.
+
+    Returns:
+        `noise` `(B, C, h, w)` in the latents' dtype and `timesteps` int64 `(B,)`, both on the latents' device.
     """
     noises, timesteps = [], []
     channels = latents.shape[1]
@@ -74,7 +96,13 @@ def sample_noise_and_timesteps(
 def prediction_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
-    """What the UNet should output: the noise (epsilon) or the velocity `sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0`."""
+    """What the UNet should output: the noise (epsilon) or the velocity `sqrt(ᾱ)·ε − sqrt(1−ᾱ)·x0`.
+
+    `latents` and `noise` are `(B, C, h, w)`, `timesteps` `(B,)`; the target has the latents' shape.
+
+    Raises:
+        ValueError: `prediction_type` is not one of `PREDICTION_TYPES` (`resolve_prediction_type` checks first).
+    """
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -87,7 +115,8 @@ def snr_loss_weights(
 ) -> torch.Tensor | None:
     """Per-sample min-SNR-γ weights (Hang et al. 2023) as in diffusers' scripts; None when `snr_gamma` is unset.
 
-    Epsilon: `min(SNR, γ) / SNR`; v-prediction: `min(SNR, γ) / (SNR + 1)`.
+    Epsilon: `min(SNR, γ) / SNR`; v-prediction: `min(SNR, γ) / (SNR + 1)`. `timesteps` `(B,)` gives float32
+    weights `(B,)` on its device (diffusers `compute_snr`).
     """
     if snr_gamma is None:
         return None
@@ -101,7 +130,9 @@ def snr_loss_weights(
 def diffusion_loss(
     model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-sample MSE (in fp32) times optional per-sample weights, averaged over the batch."""
+    """Per-sample MSE (in fp32) times optional per-sample weights `(B,)`, averaged over the batch.
+
+    `model_pred` and `target` are `(B, ...)` of the same shape; returns a 0-dim float32 tensor."""
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").flatten(1).mean(dim=1)
     if weights is not None:
         per_sample = per_sample * weights.float()
@@ -119,7 +150,11 @@ def denoising_loss(
     prediction_type: str,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """The training loss for given latents, text states, noise and timesteps (one forward of `unet`)."""
+    """The training loss for given latents, text states, noise and timesteps (one forward of `unet`).
+
+    `latents`/`noise` `(B, 4, h, w)`, `encoder_hidden_states` `(B, 77, cross_attention_dim)`, `timesteps`
+    int64 `(B,)`, all on the UNet's device; returns the (min-SNR weighted) MSE as a 0-dim float32 tensor.
+    """
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)

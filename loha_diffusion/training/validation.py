@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..pipeline import list_adapters, load_adapter, unload_adapter
 from .data import ImageRecord, load_image, transform_image
 from .step import derive_seed, encode_latents, prediction_target
 
@@ -22,7 +23,11 @@ VALIDATION_ADAPTER = "validation"
 
 
 def make_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
-    """Paste equally sized images into a grid with `columns` columns (row-major)."""
+    """Paste equally sized images into a grid with `columns` columns (row-major).
+
+    Raises:
+        ValueError: `images` is empty.
+    """
     if not images:
         raise ValueError("make_grid needs at least one image")
     width, height = images[0].size
@@ -37,7 +42,8 @@ class Validator:
     """Renders the validation prompts with a separate pipeline of the base model plus the exported adapter.
 
     The pipeline is built once (it shares the frozen VAE and tokenizer with training) and reused; each call
-    replaces the adapter with the file it is given. Images use a fixed seed, so grids are comparable."""
+    replaces the adapter with the file it is given. Images use a fixed seed, so grids are comparable. The
+    pipeline runs on `device` in `dtype` (the run's weight dtype); `resolution` is in pixels."""
 
     def __init__(
         self,
@@ -90,9 +96,15 @@ class Validator:
 
     @torch.no_grad()
     def render(self, adapter_file: str | Path, step: int) -> tuple[Image.Image, Path]:
-        """Load `adapter_file`, render every prompt `images_per_prompt` times, save the grid; returns it and its path."""
-        from ..pipeline import list_adapters, load_adapter, unload_adapter
+        """Load `adapter_file`, render every prompt `images_per_prompt` times, save the grid; returns it and its path.
 
+        The grid has one row per prompt and `images_per_prompt` columns of `resolution` x `resolution` pixels;
+        it is saved as `<output_dir>/validation/step-<step:06d>.png`.
+
+        Raises:
+            LoHaDiffusionError: `load_adapter` cannot load `adapter_file`.
+            OSError: the base model cannot be read, or the grid cannot be written.
+        """
         pipe = self.pipeline()
         if VALIDATION_ADAPTER in list_adapters(pipe):
             unload_adapter(pipe, VALIDATION_ADAPTER)
@@ -137,8 +149,14 @@ def fixed_denoising_loss(
 ) -> float:
     """Mean unweighted denoising MSE over a fixed set of (image, noise, timestep) triples.
 
-    Images are center-cropped, timesteps evenly spread over the schedule, noise seeded from `seed`; the same
-    arguments always give the same triples, so the value is comparable across training steps."""
+    The first `max_images` images, center-cropped to `resolution` pixels, each at `timesteps_per_image`
+    timesteps evenly spread over the schedule, with noise seeded from `seed`: the same arguments always give
+    the same triples, so the value is comparable across training steps. Runs in batches of `batch_size` on
+    the UNet's device, the UNet in eval mode (no adapter dropout; its mode is restored), the MSE in float32.
+
+    Returns:
+        The mean over all triples, a Python float.
+    """
     records = list(records)[:max_images]
     num_t = scheduler.config.num_train_timesteps
     fixed_t = [int((j + 0.5) * num_t / timesteps_per_image) for j in range(timesteps_per_image)]

@@ -1,0 +1,141 @@
+"""The adapter files a run writes for users: the Kohya/LyCORIS `.safetensors` (what ComfyUI, A1111 and
+`load_adapter` read) with sd-scripts' training metadata, and the PEFT-format folder.
+
+`training_metadata` is the one place the file's training facts (`ss_steps`, `ss_dataset_dirs`, ...) are
+built, from the config, the step schedule and the data summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..formats.kohya import save_kohya
+from ..formats.peft import save_peft
+from ..utils import torch_dtype
+from .config import TrainConfig
+from .data import DatasetSummary, ImageRecord, Schedule
+from .models import ADAPTER_NAME
+
+logger = logging.getLogger(__name__)
+
+
+def base_model_version(unet: nn.Module, prediction_type: str) -> str | None:
+    """Kohya's `ss_base_model_version` for SD2 (cross-attention 1024); None lets the exporter detect SD1/SDXL."""
+    if unet.config.get("cross_attention_dim") == 1024:
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    return None
+
+
+def dataset_facts(records: Iterable[ImageRecord]) -> dict[str, Any]:
+    """Kohya's `ss_dataset_dirs` (`{folder: {"n_repeats", "img_count"}}`) and `ss_tag_frequency`
+    (`{folder: {tag: count}}`, tags = the comma-separated parts of the captions)."""
+    dirs: dict[str, dict[str, int]] = {}
+    tags: dict[str, Counter] = {}
+    for record in records:
+        folder = record.path.parent.name
+        entry = dirs.setdefault(folder, {"n_repeats": record.repeats, "img_count": 0})
+        entry["img_count"] += 1
+        counter = tags.setdefault(folder, Counter())
+        counter.update(t.strip() for t in record.caption.split(",") if t.strip())
+    return {"dataset_dirs": dirs, "tag_frequency": {k: dict(v) for k, v in tags.items()}}
+
+
+def training_metadata(
+    cfg: TrainConfig,
+    schedule: Schedule,
+    summary: DatasetSummary,
+    *,
+    prediction_type: str,
+    mixed_precision: str,
+    started_at: float,
+    step: int,
+    epoch: int,
+    finished_at: float | None = None,
+) -> dict[str, Any]:
+    """The training facts of a file written after optimizer step `step` in (1-based) `epoch`, as the short
+    `training_info` names of `formats.kohya.kohya_metadata` (None values are left out of the file).
+
+    `prediction_type` is the one trained ("epsilon"/"v_prediction"), `mixed_precision` accelerate's ("no",
+    "fp16", "bf16"); `started_at`/`finished_at` are Unix times in seconds (`finished_at` only for the final
+    file)."""
+    return {
+        "max_train_steps": schedule.max_train_steps,
+        "resolution": cfg.resolution,
+        "num_train_images": len(summary.records),
+        "training_started_at": started_at,
+        "learning_rate": cfg.learning_rate,
+        "unet_lr": cfg.learning_rate,
+        "text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None,
+        "lr_scheduler": cfg.lr_scheduler,
+        "optimizer": "AdamW8bit" if cfg.use_8bit_adam else "AdamW",
+        "batch_size": schedule.total_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "mixed_precision": mixed_precision,
+        "seed": cfg.seed,
+        "noise_offset": cfg.noise_offset or None,
+        "min_snr_gamma": cfg.snr_gamma,
+        "sd_model_name": cfg.pretrained_model_name_or_path,
+        "prediction_type": prediction_type,
+        **dataset_facts(summary.records),
+        "steps": step,
+        "epoch": epoch,
+        "epochs": schedule.num_epochs,
+        **({"training_finished_at": finished_at} if finished_at is not None else {}),
+    }
+
+
+def export_kohya(
+    path: str | Path,
+    cfg: TrainConfig,
+    *,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    prediction_type: str,
+    training_info: dict[str, Any],
+) -> Path:
+    """Write the trained adapter(s) as one Kohya/LyCORIS `.safetensors` in `save_precision`, with metadata.
+
+    `unet`/`text_encoder` are the unwrapped models holding adapter `ADAPTER_NAME` (`text_encoder` None: not
+    trained); `training_info` comes from `training_metadata`. The file is written atomically; returns `path`.
+
+    Raises:
+        KohyaFormatError: the adapters cannot be written as a Kohya file (the message lists every problem).
+        OSError: the folder cannot be written.
+    """
+    written = save_kohya(
+        path,
+        unet=unet,
+        text_encoder=text_encoder,
+        adapter_name=ADAPTER_NAME,
+        dtype=torch_dtype(cfg.save_precision),
+        base_model_version=base_model_version(unet, prediction_type),
+        output_name=cfg.name,
+        training_info=training_info,
+    )
+    logger.info("wrote %s", written)
+    return written
+
+
+def export_peft(
+    directory: str | Path, cfg: TrainConfig, *, unet: nn.Module, text_encoder: nn.Module | None
+) -> Path:
+    """Write the PEFT-format folder(s) (`<dir>/unet/`, and `<dir>/text_encoder/` if trained) in
+    `save_precision`; returns `directory`.
+
+    Raises:
+        PeftFormatError: the adapters cannot be written in PEFT's format (checked before anything is written).
+        OSError: the folder cannot be written.
+    """
+    return save_peft(
+        directory,
+        unet=unet,
+        text_encoder=text_encoder,
+        adapter_name=ADAPTER_NAME,
+        dtype=torch_dtype(cfg.save_precision),
+    )
