@@ -1,4 +1,4 @@
-"""save_kohya: file layout, dtypes, names, metadata, A1111's hash, and the refusals of kohya-format.md section 9."""
+"""save_kohya: file layout, dtypes, names, metadata, A1111's hash, and the refusals of docs/kohya-format.md section 9."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from loha_diffusion.config import LoHaConfig
+from loha_diffusion.errors import AdapterNotFoundError
 from loha_diffusion.formats.kohya import KohyaFormatError, build_kohya_state_dict, read_kohya, save_kohya
 from loha_diffusion.model import adapter_layers, inject_adapter
 from loha_diffusion.targeting import text_encoder_preset, unet_preset
@@ -271,7 +272,7 @@ def test_refuses_what_loaders_would_misread(tmp_path):
 
 def test_argument_errors(tmp_path):
     unet = build_tiny_unet("sd1")
-    with pytest.raises(KohyaFormatError, match="No adapter named 'default'"):
+    with pytest.raises(AdapterNotFoundError, match="No adapter named 'default'"):
         save_kohya(tmp_path / "e.safetensors", unet=unet)
     inject_adapter(unet, unet_preset("attn"))
     with pytest.raises(ValueError, match="dtype"):

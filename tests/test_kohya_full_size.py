@@ -1,5 +1,5 @@
 """Full-size SD1.5 and SDXL (configs of the real checkpoints, weights on the meta device): module counts of the
-"full" preset against kohya-format.md section 7, and every Kohya name of every targeted module maps back."""
+"full" preset against docs/kohya-format.md section 7, and every Kohya name of every targeted module maps back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from loha_diffusion.formats.kohya import kohya_name_map
 from loha_diffusion.targeting import find_target_modules, text_encoder_preset, unet_preset
 from loha_diffusion.tiny import build_full_size_text_encoder, build_unet_from_config, full_size_unet_config
 
-# kohya-format.md section 7: (TE modules, Transformer2DModel layers, ResNet/Down/Up Linear+1x1, ResNet/Down/Up 3x3)
+# docs/kohya-format.md section 7: (TE modules, Transformer2DModel layers, ResNet/Down/Up Linear+1x1, ResNet/Down/Up 3x3)
 DOC_COUNTS = {"sd1": (72, 192, 36, 50), "sdxl": (72 + 192, 722, 28, 38)}
 LYCORIS_FULL_EXTRAS = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
 

@@ -1,5 +1,5 @@
 """load_kohya / read_kohya: hand-written files in the doc's layouts, bit-exact round trips, one error listing
-every problem before anything changes, and the reports of kohya-format.md section 9's traps."""
+every problem before anything changes, and the reports of docs/kohya-format.md section 9's traps."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from loha_diffusion.adapters import LayerSpec
 from loha_diffusion.adapters.lokr import LoKrAdapter
+from loha_diffusion.errors import AdapterFileNotFoundError, AdapterNameError
 from loha_diffusion.formats.kohya import KohyaFormatError, kohya_name_map, load_kohya, read_kohya, save_kohya
 from loha_diffusion.model import adapter_layers, add_adapter, get_adapter_state_dict, inject_adapter
 from loha_diffusion.targeting import text_encoder_preset, unet_preset
@@ -241,7 +242,7 @@ def test_alpha_as_one_element_tensor(tmp_path, tiny_sd1_pipeline, kohya_files):
 
 
 def test_transposed_cp_factor_is_reported(tmp_path, tiny_sd1_pipeline, kohya_files):
-    """A CP `hada_w1_a` in the flat (out, r) layout instead of rank-first (r, out) (kohya-format.md section 3)."""
+    """A CP `hada_w1_a` in the flat (out, r) layout instead of rank-first (r, out) (docs/kohya-format.md section 3)."""
     pipe = tiny_sd1_pipeline
     src, dst = tmp_path / "cp.safetensors", tmp_path / "cp_t.safetensors"
     kohya_files.write(src, pipe, algo="loha", cp=True, rank=4)
@@ -317,11 +318,11 @@ def test_scale_and_name_arguments(tmp_path, tiny_sd1_pipeline, kohya_files):
     kohya_files.write(path, pipe)
     load_kohya(path, unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name="style", scale=0.5)
     assert {layer.adapters["style"].scale for layer in adapter_layers(pipe.unet).values()} == {0.5}
-    with pytest.raises(ValueError, match="already used"):
+    with pytest.raises(AdapterNameError, match="already used"):
         load_kohya(path, unet=pipe.unet, text_encoder=pipe.text_encoder, adapter_name="style")
     with pytest.raises(ValueError, match="at least one of"):
         load_kohya(path)
-    with pytest.raises(ValueError, match="may only contain"):
+    with pytest.raises(AdapterNameError, match="use only letters, digits"):
         load_kohya(path, unet=pipe.unet, adapter_name="a.b")
     empty = tmp_path / "empty.safetensors"
     save_file({"other": torch.zeros(1)}, str(empty))
@@ -330,7 +331,7 @@ def test_scale_and_name_arguments(tmp_path, tiny_sd1_pipeline, kohya_files):
     save_file({"x.y": torch.zeros(1)}, str(empty))
     with pytest.raises(KohyaFormatError, match="no LoHa, LoRA or LoKr tensors"):
         load_kohya(empty, unet=pipe.unet)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(AdapterFileNotFoundError):  # also a FileNotFoundError
         load_kohya(tmp_path / "missing.safetensors", unet=pipe.unet)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")

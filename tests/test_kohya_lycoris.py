@@ -5,7 +5,7 @@
 * Files LyCORIS writes (`lycoris.kohya.create_network` with non-zero factors, `save_weights`) load in ours with
   the same deltas: LoHa flat and CP, LoCon flat and Tucker, LoKr.
 
-LyCORIS quirks handled here (kohya-format.md sections 2.3, 2.4 and 7): its class-level presets leak between
+LyCORIS quirks handled here (docs/kohya-format.md sections 2.3, 2.4 and 7): its class-level presets leak between
 calls and its `full` preset creates `time_embedding` twice on a diffusers UNet, so every test sets its own
 preset and restores the class; its loader matches names from `named_modules()`, so SDXL files (LDM names) are
 loaded on an LDM-named view of the UNet, and transformers-5 `CLIPTextModel`s are wrapped to get `text_model.`;
@@ -237,7 +237,7 @@ def test_lycoris_files_load_in_ours_with_same_deltas(tmp_path, arch, case):
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_lycoris_transformers5_text_encoder_names_are_reported(tmp_path, arch):
-    """LyCORIS on a transformers-5 CLIPTextModel writes `lora_te(1)_encoder_layers_...` (kohya-format.md 2.4): we
+    """LyCORIS on a transformers-5 CLIPTextModel writes `lora_te(1)_encoder_layers_...` (docs/kohya-format.md 2.4): we
     load it with the same deltas and warn that ComfyUI/A1111 would ignore those keys."""
     path, expected = _lycoris_file(tmp_path, arch, {"algo": "loha"}, text_model_names=False)
     prefix = "lora_te1" if arch == "sdxl" else "lora_te"

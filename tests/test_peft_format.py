@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from loha_diffusion.adapters import LayerSpec
 from loha_diffusion.adapters.lokr import LoKrAdapter
+from loha_diffusion.errors import AdapterFileNotFoundError, AdapterNotFoundError
 from loha_diffusion.formats.kohya import load_kohya, read_kohya, save_kohya
 from loha_diffusion.formats.peft import (
     PeftFormatError,
@@ -206,7 +207,7 @@ def test_what_peft_cannot_hold_is_refused(tmp_path):
     conv.add_adapter("default", LoHaAdapter(conv.spec, 2, 1.0))
     with pytest.raises(PeftFormatError, match="Only some"):
         save_peft(tmp_path / "c", mixed)
-    with pytest.raises(PeftFormatError, match="no adapter named"):
+    with pytest.raises(AdapterNotFoundError, match="no adapter named"):
         save_peft(tmp_path / "d", build_tiny_unet("sd1"))
 
 
@@ -222,7 +223,7 @@ def test_bad_peft_directories(tmp_path):
     with pytest.raises(PeftFormatError, match="unknown keys"):
         load_peft(directory, fresh)
     assert not adapter_layers(fresh) and all(p.requires_grad for p in fresh.parameters())
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(AdapterFileNotFoundError):  # also a FileNotFoundError
         read_peft(tmp_path / "nowhere")
 
 

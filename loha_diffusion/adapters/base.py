@@ -1,12 +1,24 @@
-"""The adapter contract shared by LoHa, LoRA and LoKr, and `LayerSpec`, the geometry of the wrapped layer."""
+"""The adapter contract shared by LoHa, LoRA and LoKr, and `LayerSpec`, the geometry of the wrapped layer.
+
+An adapter kind declares itself on its class (the LyCORIS `weight_list` / `algo_check` /
+`make_module_from_state_dict` pattern): its tensors under Kohya/LyCORIS file names, how to recognise a file
+module of its kind, how to build itself from one, its rank and scaling there. The registry in
+`adapters/__init__.py` (`ADAPTER_KINDS`, `adapter_class`, `detect_kind`) and the file formats read only these
+declarations, so adding a kind touches `functional/<kind>.py`, `adapters/<kind>.py` and one registry line.
+The file layouts are those of docs/kohya-format.md (sections 3-5).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import AdapterStateError
 
 
 @dataclass(frozen=True)
@@ -109,9 +121,33 @@ def compare_tensors(
 class Adapter(nn.Module):
     """One adapter on one layer. Subclasses create their factors and implement `delta_weight`,
     `state_tensors` and `load_state_tensors`; kinds with a cheaper low-rank forward also implement
-    `bypass` and `bypass_is_cheaper`."""
+    `bypass` and `bypass_is_cheaper`.
 
-    kind: str = ""
+    Words: `scale` is the user multiplier (1.0 by default), `scaling` = alpha / r × scale is what ΔW is
+    multiplied by. A kind also declares its Kohya/LyCORIS file form through the class attributes below and the
+    `file_*` class methods; the registry (`adapters.ADAPTER_KINDS`) and `formats/` use nothing else.
+    """
+
+    # -- what a kind declares ------------------------------------------------------------------------
+    #: "loha", "lora", "lokr": `AdapterConfig.kind`, `KohyaModule.kind`, the key of `adapters.adapter_class`.
+    kind: ClassVar[str] = ""
+    #: The name people use ("LoHa"), for messages.
+    title: ClassVar[str] = ""
+    #: Own tensor name (`state_tensors` keys) -> its Kohya/LyCORIS file name, for every tensor the kind can have.
+    kohya_names: ClassVar[Mapping[str, str]] = {}
+    #: Kohya names every file module of this kind has, and those it may have (CP/Tucker cores, LoKr halves).
+    file_tensors: ClassVar[tuple[str, ...]] = ()
+    optional_file_tensors: ClassVar[tuple[str, ...]] = ()
+    #: A file module holding any of these is of this kind (the test ComfyUI, A1111 and LyCORIS make).
+    detect_tensors: ClassVar[tuple[str, ...]] = ()
+    #: A file module holding any of these is in the CP/Tucker form.
+    cp_file_tensors: ClassVar[tuple[str, ...]] = ()
+    #: Files of this kind routinely omit `alpha` (LoKr with full halves); loading them warns about nothing.
+    file_alpha_optional: ClassVar[bool] = False
+    #: LyCORIS' `algo` network argument for this kind (`ss_network_args` of the metadata).
+    lycoris_algo: ClassVar[str] = ""
+    #: sd-scripts' own `--network_module` when it trains the flat form of this kind (`networks.lora`), else None.
+    kohya_network_module: ClassVar[str | None] = None
 
     def __init__(
         self, spec: LayerSpec, r: int, alpha: float, *, rank_dropout: float = 0.0, module_dropout: float = 0.0
@@ -145,9 +181,13 @@ class Adapter(nn.Module):
         """The adapter's tensors under their PEFT/Kohya names (`hada_w1_a`, `lora_A.weight`, ...)."""
         raise NotImplementedError
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy `tensors` (the names of `state_tensors`) into the factors; missing, extra or misshaped
-        tensors raise a `ValueError` naming them."""
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy `tensors` (the names of `state_tensors`, any dtype and device) into the factors, converted to
+        the factors' dtype and device.
+
+        Raises:
+            AdapterStateError: missing, extra or misshaped tensors (a `ValueError`); the message names them.
+        """
         own = self.state_tensors()
         missing, extra, wrong = compare_tensors(own, tensors)
         if missing or extra or wrong:
@@ -158,7 +198,7 @@ class Adapter(nn.Module):
                 parts.append(f"unexpected {extra}")
             if wrong:
                 parts.append("wrong shapes: " + "; ".join(wrong))
-            raise ValueError(f"Cannot load {self.kind} tensors: " + ", ".join(parts) + ".")
+            raise AdapterStateError(f"Cannot load {self.kind} tensors: " + ", ".join(parts) + ".")
         with torch.no_grad():
             for k, target in own.items():
                 target.copy_(tensors[k].to(device=target.device, dtype=target.dtype))
@@ -180,6 +220,95 @@ class Adapter(nn.Module):
         if kept > 0:
             keep = keep / kept
         return keep.to(device)
+
+    # -- the Kohya/LyCORIS file form of the kind (docs/kohya-format.md, sections 3-5) -----------------
+
+    @classmethod
+    def detects(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a file module with these tensors (Kohya names, no `alpha`) is of this kind."""
+        return any(name in tensors for name in cls.detect_tensors)
+
+    @classmethod
+    def file_problems(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """What makes a file module of this kind unusable: missing or unknown tensors, and the kind's own rules
+        (subclasses add to this list). Empty when the module can be built (shapes against a layer are checked
+        by `from_file_tensors`)."""
+        problems = []
+        missing = [k for k in cls.file_tensors if k not in tensors]
+        extra = sorted(set(tensors) - set(cls.file_tensors) - set(cls.optional_file_tensors))
+        if missing:
+            problems.append(f"{cls.kind} module is missing {missing}")
+        if extra:
+            problems.append(f"unsupported tensors {extra} in a {cls.kind} module")
+        return problems
+
+    @classmethod
+    def file_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int | None:
+        """The rank loaders divide alpha by, read from the file tensors; None when it cannot be read."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_is_cp(cls, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the file module is in the CP/Tucker form (`hada_t1`, `lora_mid.weight`, `lokr_t2`)."""
+        return any(name in tensors for name in cls.cp_file_tensors)
+
+    @classmethod
+    def file_scaling(cls, alpha: float | None, tensors: Mapping[str, torch.Tensor]) -> float:
+        """The factor ComfyUI and A1111 multiply the rebuilt product by (user multiplier 1): `alpha / rank`,
+        and 1.0 when the file has no alpha (not `1 / rank`; docs/kohya-format.md section 3) or no rank."""
+        rank = cls.file_rank(tensors)
+        if alpha is None or not rank:
+            return 1.0
+        return alpha / rank
+
+    @classmethod
+    def file_delta_weight(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        weight_shape: tuple[int, ...] | torch.Size,
+        scaling: float,
+    ) -> torch.Tensor:
+        """ΔW rebuilt from file tensors (Kohya names) as the loaders do, times `scaling`, shaped
+        `weight_shape`, in the tensors' dtype and on their device."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_file_tensors(
+        cls, spec: LayerSpec, tensors: Mapping[str, torch.Tensor], alpha: float | None
+    ) -> Adapter:
+        """An adapter of this kind for a layer of geometry `spec` holding the file module `tensors` (Kohya
+        names, any dtype), with the file's `alpha` (None: scale 1 as in ComfyUI and A1111, i.e. alpha = rank).
+
+        Factors are fp32 on the CPU (the constructor's), loaded from `tensors`. This default serves kinds whose
+        constructor takes `(spec, r, alpha, use_effective_conv2d=...)`; other kinds override it.
+
+        Raises:
+            AdapterStateError: (a `ValueError`) the module is unusable (`file_problems`), has CP/Tucker tensors
+                for a layer without a spatial kernel > 1, or its shapes do not fit `spec`; the message names them.
+        """
+        problems = cls.file_problems(tensors)
+        if problems:
+            raise AdapterStateError("; ".join(problems))
+        rank = cls.file_rank(tensors)
+        is_cp = cls.file_is_cp(tensors)
+        alpha = alpha if alpha is not None else float(rank)
+        adapter = cls(spec, rank, alpha, use_effective_conv2d=is_cp, init_weights=False)
+        if is_cp and not getattr(adapter, "is_cp", False):
+            raise AdapterStateError(
+                f"CP/Tucker tensors given for a {spec.op} layer without a spatial kernel > 1"
+            )
+        adapter.load_state_tensors(adapter._own_tensors(tensors))
+        return adapter
+
+    def _own_tensors(self, file_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """File tensors under this adapter's own names (the inverse of `kohya_names`)."""
+        own = {file: ours for ours, file in self.kohya_names.items()}
+        return {own.get(name, name): tensor for name, tensor in file_tensors.items()}
+
+    def file_state_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's factors under their Kohya/LyCORIS file names (LoRA: `lora_down.weight`, ...),
+        detached, in the factors' dtype and on their device (no `alpha`)."""
+        return {self.kohya_names[name]: t.detach() for name, t in self.state_tensors().items()}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale}"

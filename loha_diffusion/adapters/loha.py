@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,13 @@ class LoHaAdapter(Adapter):
     """
 
     kind = "loha"
+    title = "LoHa"
+    file_tensors = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    optional_file_tensors = ("hada_t1", "hada_t2")
+    kohya_names = {name: name for name in file_tensors + optional_file_tensors}
+    detect_tensors = ("hada_w1_a",)
+    cp_file_tensors = ("hada_t1",)
+    lycoris_algo = "loha"
 
     def __init__(
         self,
@@ -64,6 +72,44 @@ class LoHaAdapter(Adapter):
         else:
             self.hada_t1 = self.hada_t2 = None
         self.reset_parameters(init_weights)
+
+    @classmethod
+    def file_problems(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """The generic checks plus: CP needs both cores, and both halves must have the same rank (loaders
+        scale by the w1 rank)."""
+        problems = super().file_problems(tensors)
+        present = [k for k in cls.optional_file_tensors if k in tensors]
+        if len(present) == 1:
+            problems.append(f"CP LoHa needs both hada_t1 and hada_t2, has only {present}")
+        if (
+            all(k in tensors for k in cls.file_tensors)
+            and tensors["hada_w1_b"].shape[0] != tensors["hada_w2_b"].shape[0]
+        ):
+            problems.append(
+                f"hada_w1_b rank {tensors['hada_w1_b'].shape[0]} differs from hada_w2_b rank "
+                f"{tensors['hada_w2_b'].shape[0]} (loaders scale by the w1 rank)"
+            )
+        return problems
+
+    @classmethod
+    def file_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int | None:
+        """`hada_w1_b.shape[0]`, as ComfyUI, A1111 and LyCORIS read it (None without `hada_w1_b`)."""
+        return int(tensors["hada_w1_b"].shape[0]) if "hada_w1_b" in tensors else None
+
+    @classmethod
+    def file_delta_weight(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        weight_shape: tuple[int, ...] | torch.Size,
+        scaling: float,
+    ) -> torch.Tensor:
+        """`scaling · (w1a @ w1b) ⊙ (w2a @ w2b)` (CP: the Tucker rebuild of each half) shaped `weight_shape`,
+        with plain autograd, in the tensors' dtype and on their device."""
+        t = tensors
+        delta = loha_fn.delta_weight_reference(
+            t["hada_w1_a"], t["hada_w1_b"], t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t1"), t.get("hada_t2")
+        )
+        return (delta * scaling).reshape(weight_shape)
 
     def reset_parameters(self, init_weights: bool = True) -> None:
         """PEFT's init: He-uniform everywhere and `hada_w2_b = 0` (identity at start) unless `init_weights=False`."""

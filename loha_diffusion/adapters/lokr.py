@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from ..errors import AdapterStateError
 from ..functional import lokr as lokr_fn
 from .base import Adapter, LayerSpec
 
@@ -21,6 +23,22 @@ class LoKrAdapter(Adapter):
     """
 
     kind = "lokr"
+    title = "LoKr"
+    file_tensors = ()
+    optional_file_tensors = (
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+        "lokr_t2",
+    )
+    kohya_names = {name: name for name in optional_file_tensors}
+    detect_tensors = ("lokr_w1", "lokr_w1_a")
+    cp_file_tensors = ("lokr_t2",)
+    file_alpha_optional = True  # alpha is optional for LoKr files (docs/kohya-format.md section 5)
+    lycoris_algo = "lokr"
 
     def __init__(
         self,
@@ -69,18 +87,60 @@ class LoKrAdapter(Adapter):
         self.reset_parameters(init_weights)
 
     @classmethod
-    def from_tensors(
-        cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], alpha: float | None
-    ) -> LoKrAdapter:
-        """Build an adapter of the form `tensors` (file names: `lokr_w1`, `lokr_w2_a`, ...) have, and load them.
+    def file_problems(cls, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """The generic checks plus LoKr's rank rule: `lokr_w1_b` and `lokr_w2_b` must agree on the rank."""
+        problems = super().file_problems(tensors)
+        try:
+            lokr_fn.lokr_rank(tensors)
+        except ValueError as err:
+            problems.append(str(err))
+        return problems
 
-        `alpha=None` (no alpha in the file) means scale 1, as in ComfyUI and A1111. Shapes that do not fit the
-        layer raise a `ValueError` that names them."""
+    @classmethod
+    def file_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int | None:
+        """`lokr_w2_b.shape[0]`, else `lokr_w1_b.shape[0]`; None when both halves are full or the two ranks
+        differ (`functional.lokr.lokr_rank`, ComfyUI/A1111's rule)."""
+        try:
+            return lokr_fn.lokr_rank(tensors)
+        except ValueError:
+            return None
+
+    @classmethod
+    def file_scaling(cls, alpha: float | None, tensors: Mapping[str, torch.Tensor]) -> float:
+        """`alpha / rank` when a half is factorized and alpha is present, else 1.0: ComfyUI
+        (`comfy/weight_adapter/lokr.py`) and A1111 (`extensions-builtin/Lora/network_lokr.py`) use 1.0 without
+        a `_b` factor, and LyCORIS forces alpha = dim for full halves (`functional.lokr.lokr_scale`)."""
+        return lokr_fn.lokr_scale(alpha, cls.file_rank(tensors))
+
+    @classmethod
+    def file_delta_weight(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        weight_shape: tuple[int, ...] | torch.Size,
+        scaling: float,
+    ) -> torch.Tensor:
+        """`scaling · kron(w1, w2)` from the file tensors, shaped `weight_shape`, in the tensors' dtype and on
+        their device (`functional.lokr.delta_weight`)."""
+        return lokr_fn.delta_weight(dict(tensors), weight_shape, scaling)
+
+    @classmethod
+    def from_file_tensors(
+        cls, spec: LayerSpec, tensors: Mapping[str, torch.Tensor], alpha: float | None
+    ) -> LoKrAdapter:
+        """Build an adapter of the form `tensors` (file names: `lokr_w1`, `lokr_w2_a`, ...) have, and load them
+        (fp32 factors on the CPU).
+
+        `alpha=None` (no alpha in the file) means scale 1, as in ComfyUI and A1111.
+
+        Raises:
+            AdapterStateError: (a `ValueError`) unknown or missing tensors, or shapes that do not fit the layer;
+                the message names them.
+            ValueError: `lokr_w1_b` and `lokr_w2_b` have different ranks (`functional.lokr.lokr_rank`).
+        """
         tensors = dict(tensors)
-        known = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
-        extra = sorted(set(tensors) - known)
+        extra = sorted(set(tensors) - set(cls.optional_file_tensors))
         if extra:
-            raise ValueError(f"unexpected LoKr tensors {extra}")
+            raise AdapterStateError(f"unexpected LoKr tensors {extra}")
         decompose_w1 = "lokr_w1" not in tensors
         decompose_w2 = "lokr_w2" not in tensors
         needed = (["lokr_w1_a", "lokr_w1_b"] if decompose_w1 else []) + (
@@ -88,7 +148,7 @@ class LoKrAdapter(Adapter):
         )
         missing = [k for k in needed if k not in tensors]
         if missing:
-            raise ValueError(f"LoKr module is missing {missing}")
+            raise AdapterStateError(f"LoKr module is missing {missing}")
         rank = lokr_fn.lokr_rank(tensors)
         w1 = tensors.get("lokr_w1")
         w1_shape = (
@@ -97,9 +157,11 @@ class LoKrAdapter(Adapter):
             else (tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1])
         )
         if len(w1_shape) != 2:
-            raise ValueError(f"lokr_w1 must be 2-D, got shape {tuple(w1.shape)}")
+            raise AdapterStateError(f"lokr_w1 must be 2-D, got shape {tuple(w1.shape)}")
         if spec.out_features % w1_shape[0] or spec.in_features % w1_shape[1]:
-            raise ValueError(f"LoKr w1 shape {w1_shape} does not divide the layer weight {spec.weight_shape}")
+            raise AdapterStateError(
+                f"LoKr w1 shape {w1_shape} does not divide the layer weight {spec.weight_shape}"
+            )
         if decompose_w2 and "lokr_t2" not in tensors and tensors["lokr_w2_b"].dim() > 2:
             # LyCORIS' functional form keeps w2_b as (r, d, *kernel); the module (and files) use (r, d·k).
             tensors["lokr_w2_b"] = tensors["lokr_w2_b"].reshape(tensors["lokr_w2_b"].shape[0], -1)
@@ -115,9 +177,11 @@ class LoKrAdapter(Adapter):
             init_weights=False,
         )
         if "lokr_t2" in tensors and not adapter.is_cp:
-            raise ValueError("lokr_t2 (CP core) given for a layer without a spatial kernel")
+            raise AdapterStateError("lokr_t2 (CP core) given for a layer without a spatial kernel")
         adapter.load_state_tensors(tensors)
         return adapter
+
+    from_tensors = from_file_tensors  # the name before the registry; kept for callers
 
     def reset_parameters(self, init_weights: bool = True) -> None:
         """LyCORIS' init: He-uniform everywhere, the w2 half zero (`lokr_w2` or `lokr_w2_b`) unless

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,18 @@ class LoRAAdapter(Adapter):
     """
 
     kind = "lora"
+    title = "LoRA"
+    file_tensors = ("lora_down.weight", "lora_up.weight")
+    optional_file_tensors = ("lora_mid.weight",)
+    kohya_names = {
+        "lora_A.weight": "lora_down.weight",
+        "lora_B.weight": "lora_up.weight",
+        "lora_mid.weight": "lora_mid.weight",
+    }
+    detect_tensors = ("lora_down.weight", "lora_up.weight")
+    cp_file_tensors = ("lora_mid.weight",)
+    lycoris_algo = "locon"
+    kohya_network_module = "networks.lora"
 
     def __init__(
         self,
@@ -42,6 +55,34 @@ class LoRAAdapter(Adapter):
         self.lora_B = nn.Parameter(torch.empty(out, r, *pointwise))
         self.lora_mid = nn.Parameter(torch.empty(r, r, *spec.kernel_size)) if self.is_cp else None
         self.reset_parameters(init_weights)
+
+    @classmethod
+    def file_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int | None:
+        """`lora_down.weight.shape[0]`, as ComfyUI and A1111 read it (None without `lora_down.weight`)."""
+        return int(tensors["lora_down.weight"].shape[0]) if "lora_down.weight" in tensors else None
+
+    @classmethod
+    def file_delta_weight(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        weight_shape: tuple[int, ...] | torch.Size,
+        scaling: float,
+    ) -> torch.Tensor:
+        """`scaling · up @ down` (Tucker: through `lora_mid.weight`) shaped `weight_shape`, in the tensors'
+        dtype and on their device."""
+        t = tensors
+        return lora_fn.delta_weight(
+            t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight"), weight_shape, scaling
+        )
+
+    def _own_tensors(self, file_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """File tensors under PEFT's names; a 2-D `lora_down`/`lora_up` on a 1x1 conv is given its unit dims,
+        as A1111 and ComfyUI accept it."""
+        own = self.state_tensors()
+        return {
+            name: fit_unit_dims(tensor, tuple(own[name].shape)) if name in own else tensor
+            for name, tensor in super()._own_tensors(file_tensors).items()
+        }
 
     def reset_parameters(self, init_weights: bool = True) -> None:
         """PEFT's init: He-uniform `lora_A` (and core), `lora_B = 0` unless `init_weights=False`."""
@@ -81,3 +122,17 @@ class LoRAAdapter(Adapter):
         else:
             hidden = conv(x, down, None, spec.stride, spec.padding, spec.dilation)
         return conv(hidden, up)
+
+
+def fit_unit_dims(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`tensor` reshaped to `shape` when only trailing unit dims differ (a 2-D `lora_down` on a 1x1 conv, as
+    A1111 and ComfyUI accept), else `tensor` unchanged."""
+
+    def core(s: tuple[int, ...]) -> tuple[int, ...]:
+        while len(s) > 2 and s[-1] == 1:
+            s = s[:-1]
+        return s
+
+    if tuple(tensor.shape) != shape and core(tuple(tensor.shape)) == core(shape):
+        return tensor.reshape(shape)
+    return tensor

@@ -3,7 +3,9 @@
 A Kohya module name is a prefix (``lora_unet``, ``lora_te``, ``lora_te1``, ``lora_te2``) plus ``_`` plus a module
 path with every ``.`` replaced by ``_``. Which path: SD1.x/SD2.x UNets use the diffusers path, SDXL UNets the
 LDM/SGM path (``input_blocks``/``middle_block``/``output_blocks``, as sd-scripts writes them), and text encoders
-always ``text_model_encoder_layers_N_...`` (see docs/kohya-format.md of the shared docs, sections 2 and 9).
+always ``text_model_encoder_layers_N_...`` (see docs/kohya-format.md, sections 2 and 9).
+
+Pure name logic: no tensors, no models beyond reading a UNet's config.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ _SDXL_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 
 
 def _config_dict(unet_or_config: Any) -> Mapping[str, Any]:
-    """Accept a diffusers UNet, its FrozenDict config, or a plain dict."""
+    """Accept a diffusers UNet, its FrozenDict config, or a plain dict (TypeError for anything else)."""
     config = getattr(unet_or_config, "config", unet_or_config)
     if not isinstance(config, Mapping):
         raise TypeError(f"expected a diffusers UNet or its config dict, got {type(unet_or_config).__name__}")
@@ -84,6 +86,15 @@ def detect_architecture(unet_or_config: Any) -> Arch | None:
     return None
 
 
+def unet_layout(unet_or_config: Any) -> UNetLayout | None:
+    """``UNetLayout.from_config`` of a diffusers UNet (or its config), None when the config lacks the block
+    types (not a diffusers UNet)."""
+    try:
+        return UNetLayout.from_config(unet_or_config)
+    except (KeyError, TypeError):
+        return None
+
+
 def default_unet_naming(arch: Arch | None) -> UNetNaming | None:
     """The UNet naming sd-scripts uses: diffusers paths for SD1.x/SD2.x, LDM paths for SDXL, None if unknown."""
     if arch in ("sd1", "sd2"):
@@ -105,7 +116,12 @@ class UNetLayout:
 
     @classmethod
     def from_config(cls, unet_or_config: Any) -> UNetLayout:
-        """Read the layout from a diffusers UNet2DConditionModel (or its config)."""
+        """Read the layout from a diffusers UNet2DConditionModel (or its config).
+
+        Raises:
+            KeyError: the config has no ``down_block_types`` / ``up_block_types``.
+            TypeError: neither a UNet nor a config mapping (``unet_layout`` returns None for both instead).
+        """
         config = _config_dict(unet_or_config)
         down = tuple(config["down_block_types"])
         up = tuple(config["up_block_types"])
@@ -188,7 +204,11 @@ def _translate(path: str, entries: Iterable[tuple[str, str, bool]], to_ldm: bool
 
 def diffusers_to_ldm(path: str, layout: UNetLayout) -> str:
     """Map a diffusers UNet module path to its LDM/SGM path (e.g. ``down_blocks.1.attentions.0.proj_in`` ->
-    ``input_blocks.4.1.proj_in``); ValueError for modules the LDM layout does not have."""
+    ``input_blocks.4.1.proj_in``).
+
+    Raises:
+        ValueError: a module the LDM layout does not have.
+    """
     result = _translate(path, layout.block_map(), to_ldm=True)
     if result is None:
         raise ValueError(
@@ -198,7 +218,11 @@ def diffusers_to_ldm(path: str, layout: UNetLayout) -> str:
 
 
 def ldm_to_diffusers(path: str, layout: UNetLayout) -> str:
-    """Map an LDM/SGM UNet module path to the diffusers path (inverse of ``diffusers_to_ldm``)."""
+    """Map an LDM/SGM UNet module path to the diffusers path (inverse of ``diffusers_to_ldm``).
+
+    Raises:
+        ValueError: not an LDM/SGM module path of this layout.
+    """
     result = _translate(path, layout.block_map(), to_ldm=False)
     if result is None:
         raise ValueError(f"{path!r} is not an LDM/SGM UNet module path of this UNet layout")
@@ -211,7 +235,11 @@ def to_kohya(prefix: str, path: str) -> str:
 
 
 def unet_kohya_name(path: str, naming: UNetNaming, layout: UNetLayout | None = None) -> str:
-    """Kohya name of a diffusers UNet module: ``lora_unet_`` + diffusers path (SD1/SD2) or LDM path (SDXL)."""
+    """Kohya name of a diffusers UNet module: ``lora_unet_`` + diffusers path (SD1/SD2) or LDM path (SDXL).
+
+    Raises:
+        ValueError: an unknown ``naming``, LDM names without ``layout``, or a module without an LDM name.
+    """
     if naming == "diffusers":
         return to_kohya(UNET_PREFIX, path)
     if naming == "ldm":
@@ -233,7 +261,11 @@ def text_encoder_kohya_name(path: str, prefix: str) -> str:
 
 
 def text_encoder_prefixes(count: int) -> tuple[str, ...]:
-    """sd-scripts' rule: one text encoder -> ``lora_te``; two -> ``lora_te1``, ``lora_te2``."""
+    """sd-scripts' rule: one text encoder -> ``lora_te``; two -> ``lora_te1``, ``lora_te2``.
+
+    Raises:
+        ValueError: ``count`` is not 1 or 2.
+    """
     if count == 1:
         return (TE_PREFIX,)
     if count == 2:
@@ -275,3 +307,29 @@ def text_encoder_name_candidates(path: str, prefixes: Iterable[str]) -> list[str
         if raw not in names:
             names.append(raw)
     return names
+
+
+def export_te_prefixes(two_encoders: bool, arch: Arch | None) -> tuple[str, str]:
+    """The prefixes to write for (text_encoder, text_encoder_2): sd-scripts' rule (``lora_te`` for one encoder,
+    ``lora_te1``/``lora_te2`` for two), and ``lora_te1``/``lora_te2`` for any SDXL set, so an SDXL file with only
+    the first encoder still says which one it is."""
+    if two_encoders or arch == "sdxl":
+        return TE1_PREFIX, TE2_PREFIX
+    return TE_PREFIX, TE2_PREFIX
+
+
+def partial_attention(names: Iterable[str], prefix: str) -> list[str]:
+    """Text-encoder layers under ``prefix`` whose Kohya ``names`` have some but not all of q/k/v/out_proj, one
+    line each (A1111's OpenCLIP ``MultiheadAttention`` applies them only when all four are there)."""
+    per_layer: dict[int, set[str]] = {}
+    for name in names:
+        if not name.startswith(prefix + "_"):
+            continue
+        parsed = te_sublayer(name)
+        if parsed and parsed[1] in TE_ATTENTION_SUBLAYERS:
+            per_layer.setdefault(parsed[0], set()).add(parsed[1])
+    return [
+        f"{prefix} layer {i}: has {sorted(s)}, missing {sorted(set(TE_ATTENTION_SUBLAYERS) - s)}"
+        for i, s in sorted(per_layer.items())
+        if len(s) != len(TE_ATTENTION_SUBLAYERS)
+    ]

@@ -4,7 +4,8 @@ conversions between them and Kohya files.
 The directory is what `PeftModel.save_pretrained` writes: tensor keys `base_model.model.<module path>.<tensor>`
 (PEFT strips that prefix again when loading into a bare model with `set_peft_model_state_dict`), LoHa tensors
 `hada_*` and LoRA tensors `lora_A.weight`/`lora_B.weight` exactly as ours, and per-module rank/alpha in
-`rank_pattern`/`alpha_pattern` (PEFT keeps no alpha tensor).
+`rank_pattern`/`alpha_pattern` (PEFT keeps no alpha tensor); docs/kohya-format.md compares the two layouts.
+Which kinds a PEFT directory holds, and how their configs translate, is the `_PEFT_KINDS` table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters import Adapter
+from ..adapters import Adapter, adapter_class, state_tensor_names
 from ..config import CONFIG_NAME, AdapterConfig, LoHaConfig, LoRAConfig
+from ..errors import AdapterFileNotFoundError, AdapterNameError, AdapterNotFoundError, PeftFormatError
+from ..layers import check_adapter_name
 from ..model import (
-    LoHaModel,
     adapter_layers,
     adapter_names,
     delete_adapter,
@@ -35,7 +38,9 @@ from ..model import (
     set_adapter_scale,
     set_adapter_state_dict,
 )
+from ..utils import most_common
 from .kohya import load_kohya, save_kohya
+from .kohya.load import _unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -66,21 +71,9 @@ _LORA_FIELDS = {
 }
 
 
-class PeftFormatError(ValueError):
-    """An adapter cannot be written in, or read from, PEFT's layout; the message says why and what to do."""
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.model if isinstance(model, LoHaModel) else model
-
-
 def _pattern_key(path: str) -> str:
     # A full module path as a PEFT pattern key: dots escaped, matched as a dot-boundary suffix by get_pattern_key.
     return re.escape(path)
-
-
-def _most_common(values: list[Any]) -> Any:
-    return Counter(values).most_common(1)[0][0]
 
 
 def adapter_config_from_model(model: nn.Module, adapter_name: str = "default") -> LoHaConfig | LoRAConfig:
@@ -88,8 +81,15 @@ def adapter_config_from_model(model: nn.Module, adapter_name: str = "default") -
     common rank/alpha as `r`/`alpha`, every other module's rank/alpha in `rank_pattern`/`alpha_pattern`.
 
     Works for adapters from `inject_adapter` and from `load_kohya` alike. Dropouts and `init_weights` come from the
-    model's stored config when there is one. Raises `PeftFormatError` for what a single PEFT config cannot
-    express (LoKr, LoRA Tucker cores, CP on only some k×k convs, mixed kinds)."""
+    model's stored config when there is one.
+
+    Raises:
+        AdapterNameError: `adapter_name` breaks the name rule (`layers.check_adapter_name`).
+        AdapterNotFoundError: the model has no adapter `adapter_name`.
+        PeftFormatError: what a single PEFT config cannot express (LoKr, LoRA Tucker cores, CP on only some k×k
+            convs, mixed kinds).
+    """
+    check_adapter_name(adapter_name)
     model = _unwrap(model)
     adapters: dict[str, Adapter] = {
         path: layer.adapters[adapter_name]
@@ -97,20 +97,22 @@ def adapter_config_from_model(model: nn.Module, adapter_name: str = "default") -
         if adapter_name in layer.adapters
     }
     if not adapters:
-        raise PeftFormatError(
+        raise AdapterNotFoundError(
             f"The model has no adapter named {adapter_name!r}; it has {adapter_names(model)}."
         )
     kinds = Counter(a.kind for a in adapters.values())
-    if len(kinds) > 1 or next(iter(kinds)) not in ("loha", "lora"):
+    peft_kind = _PEFT_KINDS.get(next(iter(kinds)))
+    if len(kinds) > 1 or peft_kind is None:
+        held = " or ".join(adapter_class(k).title for k in _PEFT_KINDS)
         raise PeftFormatError(
-            f"Adapter {adapter_name!r} has modules of kinds {dict(kinds)}; a PEFT directory holds one LoHa or LoRA "
-            "adapter. Save LoKr or mixed adapters as a Kohya file (save_kohya) instead."
+            f"Adapter {adapter_name!r} has modules of kinds {dict(kinds)}; a PEFT directory holds one {held} "
+            "adapter. Save other kinds or mixed adapters as a Kohya file (save_kohya) instead."
         )
-    kind = next(iter(kinds))
     cp = {path: bool(getattr(a, "is_cp", False)) for path, a in adapters.items() if a.spec.kernel_numel > 1}
-    if kind == "lora" and any(cp.values()):
+    if any(cp.values()) and not peft_kind.has_cp:
         raise PeftFormatError(
-            "LoRA with Tucker cores (lora_mid) has no PEFT equivalent; save it as a Kohya file (save_kohya)."
+            f"{peft_kind.title} with CP/Tucker cores ({peft_kind.cp_tensors}) has no PEFT equivalent; save it as a "
+            "Kohya file (save_kohya)."
         )
     if len(set(cp.values())) > 1:
         flat = sorted(p for p, is_cp in cp.items() if not is_cp)
@@ -119,8 +121,8 @@ def adapter_config_from_model(model: nn.Module, adapter_name: str = "default") -
             "Save this adapter as a Kohya file (save_kohya) instead."
         )
     stored = getattr(model, "adapter_configs", {}).get(adapter_name)
-    r = _most_common([a.r for a in adapters.values()])
-    alpha = _most_common([a.alpha for a in adapters.values()])
+    r = most_common([a.r for a in adapters.values()])
+    alpha = most_common([a.alpha for a in adapters.values()])
     fields: dict[str, Any] = {
         "r": r,
         "alpha": alpha,
@@ -128,21 +130,55 @@ def adapter_config_from_model(model: nn.Module, adapter_name: str = "default") -
         "use_effective_conv2d": any(cp.values()),
         "rank_pattern": {_pattern_key(p): a.r for p, a in adapters.items() if a.r != r},
         "alpha_pattern": {_pattern_key(p): a.alpha for p, a in adapters.items() if a.alpha != alpha},
-        "rank_dropout": _most_common([a.rank_dropout for a in adapters.values()]),
-        "module_dropout": _most_common([a.module_dropout for a in adapters.values()]),
+        "rank_dropout": most_common([a.rank_dropout for a in adapters.values()]),
+        "module_dropout": most_common([a.module_dropout for a in adapters.values()]),
     }
     if stored is not None:
         fields["init_weights"] = stored.init_weights
         fields["modules_to_save"] = stored.modules_to_save
-    config_cls = LoHaConfig if kind == "loha" else LoRAConfig
-    return config_cls(**fields)
+    return peft_kind.config_cls(**fields)
 
 
 def peft_config_dict(config: AdapterConfig) -> dict[str, Any]:
-    """`config` as PEFT's `adapter_config.json` dict: LoHa as is; LoRA with PEFT's names (`lora_alpha`, ...)."""
-    data = config.to_dict()
-    if isinstance(config, LoHaConfig):
-        return data
+    """`config` as PEFT's `adapter_config.json` dict: LoHa as is; LoRA with PEFT's names (`lora_alpha`, ...).
+
+    Raises:
+        PeftFormatError: a config kind PEFT directories do not hold here, or a LoRA with `use_effective_conv2d`
+            (Tucker `lora_mid`), which PEFT's LoRA has no equivalent of.
+    """
+    peft_kind = _PEFT_KINDS.get(config.kind)
+    if peft_kind is None:
+        raise PeftFormatError(f"A {type(config).__name__} cannot be written as a PEFT adapter_config.json.")
+    return peft_kind.to_peft(config)
+
+
+def config_from_peft_dict(data: Mapping[str, Any]) -> LoHaConfig | LoRAConfig:
+    """Our config from a PEFT `adapter_config.json` dict (LOHA or LORA).
+
+    Raises:
+        PeftFormatError: another `peft_type`, or PEFT features we do not implement (DoRA, rsLoRA, bias
+            training, ...), named in the message.
+        ConfigError: a value our config refuses (see `AdapterConfig`).
+    """
+    peft_kind = _BY_PEFT_TYPE.get(str(data.get("peft_type", "")).upper())
+    if peft_kind is None:
+        raise PeftFormatError(
+            f"Unsupported PEFT adapter type {data.get('peft_type')!r}; "
+            f"{' and '.join(_BY_PEFT_TYPE)} are supported."
+        )
+    return peft_kind.from_peft(data)
+
+
+def _loha_to_peft(config: AdapterConfig) -> dict[str, Any]:
+    # PEFT's LoHaConfig uses our field names (r, alpha, rank_dropout, module_dropout, use_effective_conv2d, ...).
+    return config.to_dict()
+
+
+def _loha_from_peft(data: Mapping[str, Any]) -> AdapterConfig:
+    return LoHaConfig.from_dict(dict(data))
+
+
+def _lora_to_peft(config: AdapterConfig) -> dict[str, Any]:
     if config.use_effective_conv2d:
         raise PeftFormatError("LoRA with use_effective_conv2d (Tucker lora_mid) has no PEFT equivalent.")
     if config.rank_dropout or config.module_dropout:
@@ -150,24 +186,16 @@ def peft_config_dict(config: AdapterConfig) -> dict[str, Any]:
             "PEFT's LoRA has no rank_dropout/module_dropout (only lora_dropout, on the input); they are not saved. "
             "They only affect training.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+    data = config.to_dict()
     out = {peft_key: data[ours] for peft_key, ours in _LORA_FIELDS.items()}
     out.update(peft_type="LORA", init_lora_weights=bool(config.init_weights), lora_dropout=0.0)
     out.update({k: v for k, v in _LORA_UNSUPPORTED.items()})
     return out
 
 
-def config_from_peft_dict(data: Mapping[str, Any]) -> LoHaConfig | LoRAConfig:
-    """Our config from a PEFT `adapter_config.json` dict (LOHA or LORA); PEFT features we do not implement
-    (DoRA, rsLoRA, bias training, ...) raise `PeftFormatError` naming them."""
-    peft_type = str(data.get("peft_type", "")).upper()
-    if peft_type == "LOHA":
-        return LoHaConfig.from_dict(dict(data))
-    if peft_type != "LORA":
-        raise PeftFormatError(
-            f"Unsupported PEFT adapter type {data.get('peft_type')!r}; LOHA and LORA are supported."
-        )
+def _lora_from_peft(data: Mapping[str, Any]) -> AdapterConfig:
     used = [
         f"{k}={data[k]!r}"
         for k, off in _LORA_UNSUPPORTED.items()
@@ -182,13 +210,43 @@ def config_from_peft_dict(data: Mapping[str, Any]) -> LoHaConfig | LoRAConfig:
             f"PEFT lora_dropout={data['lora_dropout']} is not applied (loha_diffusion has rank/module dropout); "
             "it only affects training.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     fields = {
         ours: data[peft_key] for peft_key, ours in _LORA_FIELDS.items() if data.get(peft_key) is not None
     }
     fields["init_weights"] = data.get("init_lora_weights", True) is not False
     return LoRAConfig(**fields)
+
+
+@dataclass(frozen=True)
+class _PeftKind:
+    """How the adapters of one config kind are written in and read from PEFT's `adapter_config.json`."""
+
+    peft_type: str  # PEFT's `peft_type`
+    config_cls: type[AdapterConfig]
+    has_cp: bool  # PEFT's config of this type can express the CP/Tucker form (`use_effective_conv2d`)
+    to_peft: Callable[[AdapterConfig], dict[str, Any]]
+    from_peft: Callable[[Mapping[str, Any]], AdapterConfig]
+
+    @property
+    def title(self) -> str:
+        return adapter_class(self.config_cls.kind).title
+
+    @property
+    def cp_tensors(self) -> str:
+        return ", ".join(adapter_class(self.config_cls.kind).cp_file_tensors)
+
+
+# The kinds a PEFT directory holds here, by config kind ("loha", "lora"), and by PEFT type ("LOHA", "LORA").
+_PEFT_KINDS: dict[str, _PeftKind] = {
+    kind.config_cls.kind: kind
+    for kind in (
+        _PeftKind("LOHA", LoHaConfig, True, _loha_to_peft, _loha_from_peft),
+        _PeftKind("LORA", LoRAConfig, False, _lora_to_peft, _lora_from_peft),
+    )
+}
+_BY_PEFT_TYPE = {kind.peft_type: kind for kind in _PEFT_KINDS.values()}
 
 
 def _save_one(directory: Path, model: nn.Module, adapter_name: str, dtype: torch.dtype | None) -> Path:
@@ -218,8 +276,19 @@ def save_peft(
 
     With `model` (a UNet or a text encoder) the adapter goes into `directory` itself; with `unet=`,
     `text_encoder=`, `text_encoder_2=` into `directory/<component>/` for each of them that has the adapter.
-    Tensors keep their dtype unless `dtype` is given; keys are `base_model.model.<path>.<tensor>`.
-    Everything is checked before anything is written."""
+    Files: `adapter_model.safetensors` with the factors under `base_model.model.<path>.<tensor>` (LoHa `hada_*`,
+    LoRA `lora_A.weight (r, in[, kh, kw])` / `lora_B.weight (out, r[, 1, 1])`), on the CPU, in their dtype (fp32
+    after training) unless `dtype` is given; `adapter_config.json` from `adapter_config_from_model` (no alpha
+    tensor: alpha is in the config). Returns `directory`. Everything is checked before anything is written.
+
+    Raises:
+        AdapterNameError: `adapter_name` breaks the name rule (`layers.check_adapter_name`).
+        ValueError: both or neither of `model` and the keyword models are given.
+        AdapterNotFoundError: no given model has adapter `adapter_name`.
+        PeftFormatError: an adapter a PEFT config cannot express (see `adapter_config_from_model`).
+        OSError: the files cannot be written.
+    """
+    check_adapter_name(adapter_name)
     directory = Path(directory)
     components = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     if (model is None) == (not components):
@@ -229,7 +298,7 @@ def save_peft(
     else:
         targets = {directory / c: m for c, m in components.items() if adapter_name in adapter_names(m)}
         if not targets:
-            raise PeftFormatError(f"No adapter named {adapter_name!r} on {sorted(components)}.")
+            raise AdapterNotFoundError(f"No adapter named {adapter_name!r} on {sorted(components)}.")
     for target_model in targets.values():
         peft_config_dict(adapter_config_from_model(target_model, adapter_name))  # raises before any write
     for target_dir, target_model in targets.items():
@@ -238,11 +307,18 @@ def save_peft(
 
 
 def read_peft(directory: str | os.PathLike) -> tuple[LoHaConfig | LoRAConfig, dict[str, torch.Tensor]]:
-    """The config and state dict (keys without PEFT's `base_model.model.` prefix) of a PEFT directory."""
+    """The config and state dict of a PEFT directory: keys without PEFT's `base_model.model.` prefix
+    (`<module path>.<tensor>`), tensors as stored (file dtype, CPU).
+
+    Raises:
+        AdapterFileNotFoundError: `adapter_config.json` or `adapter_model.safetensors` is missing (also a
+            `FileNotFoundError`).
+        PeftFormatError: the config is not valid JSON, or not a config we can use (`config_from_peft_dict`).
+    """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(
+        raise AdapterFileNotFoundError(
             f"{directory} is not a PEFT adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})."
         )
     try:
@@ -269,8 +345,10 @@ def _load_one(directory: Path, model: nn.Module, adapter_name: str, scale: float
 
 
 def _module_path(key: str) -> str:
-    """The module part of a state-dict key (`a.b.lora_A.weight` -> `a.b`, `a.b.hada_w1_a` -> `a.b`)."""
-    for suffix in ("lora_A.weight", "lora_B.weight", "lora_mid.weight"):
+    """The module part of a state-dict key (`a.b.lora_A.weight` -> `a.b`, `a.b.hada_w1_a` -> `a.b`): what
+    precedes an adapter tensor name with a dot in it (any kind's), else the last dot."""
+    dotted = {name for name in state_tensor_names() if "." in name}
+    for suffix in sorted(dotted, key=len, reverse=True):
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1]
     return key.rpartition(".")[0]
@@ -300,12 +378,23 @@ def load_peft(
     text_encoder_2: nn.Module | None = None,
     scale: float = 1.0,
 ) -> str:
-    """Load a PEFT LoHa/LoRA adapter as `adapter_name` (user scale `scale`) and return the name.
+    """Load a PEFT LoHa/LoRA adapter as `adapter_name` (user scale `scale`, a unitless multiplier) and return
+    the name.
 
     `directory` holds `adapter_config.json` + `adapter_model.safetensors` for `model`, or subfolders `unet/`,
     `text_encoder/`, `text_encoder_2/` for the models given by keyword (a single adapter folder with keywords goes
     to the one model that has all its modules). The config's targeting selects modules exactly as PEFT does; the
-    tensors must match one to one, else a `PeftFormatError` is raised and every model is left as it was."""
+    tensors must match one to one. Factors are fp32 on each layer's device. A refused call leaves every model as
+    it was (module tree, weights and `requires_grad`).
+
+    Raises:
+        AdapterNameError: `adapter_name` breaks the name rule (`layers.check_adapter_name`) or is already used.
+        ValueError: both or neither of `model` and the keyword models are given, or the folder has adapters for
+            models that are not given.
+        AdapterFileNotFoundError: no PEFT adapter in `directory` (also a `FileNotFoundError`).
+        PeftFormatError: the config or tensors do not fit the models, or PEFT features we do not implement.
+    """
+    check_adapter_name(adapter_name)
     directory = Path(directory)
     components = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     if (model is None) == (not components):
@@ -317,7 +406,7 @@ def load_peft(
     else:
         found = {c: directory / c for c in COMPONENTS if (directory / c / CONFIG_NAME).is_file()}
         if not found:
-            raise FileNotFoundError(
+            raise AdapterFileNotFoundError(
                 f"{directory} holds no PEFT adapter ({CONFIG_NAME} in it or in {', '.join(COMPONENTS)} subfolders)."
             )
         missing = [c for c in found if c not in components]
@@ -326,7 +415,7 @@ def load_peft(
         plan = {path: components[c] for c, path in found.items()}
     taken = [type(m).__name__ for m in plan.values() if adapter_name in adapter_names(m)]
     if taken:
-        raise ValueError(
+        raise AdapterNameError(
             f"Adapter name {adapter_name!r} is already used on {taken}; pick another adapter_name."
         )
     done: list[nn.Module] = []
@@ -354,8 +443,13 @@ def kohya_to_peft(
     text_encoder_2: nn.Module | None = None,
 ) -> dict[str, Path]:
     """Convert a Kohya/LyCORIS LoHa or LoRA file into PEFT directories `out_dir/<component>` (one per model
-    with modules in the file). The models give names and shapes (their weights do not matter) and are left
-    as they were afterwards."""
+    with modules in the file) and return them by component. The models give names and shapes (their weights do
+    not matter) and are left as they were afterwards. Tensors keep the file's dtype.
+
+    Raises:
+        KohyaFormatError: the file does not load onto the models (see `load_kohya`).
+        PeftFormatError: the adapter has no PEFT form (LoKr, LoRA Tucker; see `adapter_config_from_model`).
+    """
     models = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     name = _temporary_name(models)
     with _keep_requires_grad(*models.values()):
@@ -378,7 +472,13 @@ def peft_to_kohya(
 ) -> Path:
     """Convert PEFT adapter folders (what `load_peft` reads with these models: `unet/`, `text_encoder/`,
     `text_encoder_2/` subfolders as `kohya_to_peft` writes them, or one adapter folder) into one Kohya
-    `.safetensors` file. Extra keyword arguments go to `save_kohya` (dtype, metadata, ...)."""
+    `.safetensors` file and return its path. Extra keyword arguments go to `save_kohya` (dtype, default fp16;
+    metadata, ...). The models give names and shapes and are left as they were afterwards.
+
+    Raises:
+        PeftFormatError: the folders do not load onto the models (see `load_peft`).
+        KohyaFormatError: the adapter cannot be written as a Kohya file (see `save_kohya`).
+    """
     models = _given(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     name = _temporary_name(models)
     with _keep_requires_grad(*models.values()):

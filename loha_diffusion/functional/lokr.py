@@ -19,7 +19,11 @@ _CP_EQUATION = "ij...,jq,ip->pq..."
 def rebuild_w1(
     w1: torch.Tensor | None = None, w1_a: torch.Tensor | None = None, w1_b: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The first Kronecker factor `(a, c)`: `w1` itself or `w1_a @ w1_b`."""
+    """The first Kronecker factor `(a, c)`: `w1` itself or `w1_a (a, r) @ w1_b (r, c)`.
+
+    Raises:
+        ValueError: neither `w1` nor both of `w1_a`, `w1_b` are given.
+    """
     if w1 is not None:
         return w1
     if w1_a is None or w1_b is None:
@@ -34,7 +38,11 @@ def rebuild_w2(
     t2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The second Kronecker factor: `w2`, the CP rebuild from `t2`, or `w2_a @ w2_b` (keeping `w2_b`'s
-    trailing dims, so LyCORIS' `(r, d, *kernel)` form gives `(b, d, *kernel)`)."""
+    trailing dims, so LyCORIS' `(r, d, *kernel)` form gives `(b, d, *kernel)`).
+
+    Raises:
+        ValueError: neither `w2` nor both of `w2_a`, `w2_b` are given.
+    """
     if w2 is not None:
         return w2
     if w2_a is None or w2_b is None:
@@ -72,7 +80,12 @@ def lokr_rank(tensors: dict[str, torch.Tensor]) -> int | None:
     """The rank that divides alpha: from `lokr_w2_b` (else `lokr_w1_b`), None when both halves are full.
 
     ComfyUI reads w1_b then w2_b (w2_b wins), A1111 w1_b first; the two agree because LyCORIS gives both the
-    same rank. Different ranks are refused by `lokr_scale`."""
+    same rank.
+
+    Raises:
+        ValueError: `lokr_w1_b` and `lokr_w2_b` have different ranks (ComfyUI and A1111 would scale the module
+            differently).
+    """
     ranks = [tensors[k].shape[0] for k in ("lokr_w1_b", "lokr_w2_b") if k in tensors]
     if len(set(ranks)) > 1:
         raise ValueError(

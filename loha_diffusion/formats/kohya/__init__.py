@@ -1,5 +1,6 @@
 """Kohya / LyCORIS `.safetensors` adapter files: read (`read_kohya`), load (`load_kohya`), write (`save_kohya`,
-`write_kohya_file`) and metadata (`kohya_metadata`, `read_metadata`, `addnet_hash`).
+`write_kohya_file`) and metadata (`kohya_metadata`, `read_metadata`, `addnet_hash`); docs/kohya-format.md
+describes the format.
 
 One module per concern: `read` (parse files into `KohyaFile`/`KohyaModule`), `load` (map names to model layers,
 `load_kohya`), `write` (`build_kohya_state_dict`, `save_kohya`, `write_kohya_file`) and `metadata`. Every name
@@ -25,6 +26,7 @@ from .read import (
     KohyaFile,
     KohyaFormatError,
     KohyaModule,
+    classify_module,
     parse_kohya_state_dict,
     read_kohya,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "addnet_hash",
     "addnet_hash_file",
     "build_kohya_state_dict",
+    "classify_module",
     "kohya_metadata",
     "kohya_name_map",
     "layer_modules",

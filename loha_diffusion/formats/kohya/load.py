@@ -1,10 +1,9 @@
 """Loading Kohya / LyCORIS files onto diffusers/transformers models: `load_kohya`, and `kohya_name_map`, every
-Kohya module name a file may use for a layer of the given models."""
+Kohya module name a file may use for a layer of the given models (the names themselves: `formats.naming`)."""
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -12,12 +11,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...adapters import Adapter, LayerSpec
-from ...layers import AdapterLayer
+from ...errors import AdapterNameError, KohyaFormatError, format_problems
+from ...layers import AdapterLayer, check_adapter_name
 from ...model import LoHaModel, adapter_names, add_adapter
 from .. import naming
-from .read import KohyaFile, KohyaFormatError, read_kohya
-
-_SHOWN = 5  # problems listed per category in an error message
+from .read import KohyaFile, read_kohya
 
 
 def _unwrap(model: nn.Module | None) -> nn.Module | None:
@@ -41,22 +39,6 @@ def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     walk(model, "")
     return found
-
-
-def _unet_layout(unet: nn.Module) -> naming.UNetLayout | None:
-    try:
-        return naming.UNetLayout.from_config(unet)
-    except (KeyError, TypeError):
-        return None
-
-
-def _te_prefixes(
-    text_encoder: nn.Module | None, text_encoder_2: nn.Module | None, arch: str | None
-) -> tuple[str, str]:
-    """Export prefixes for (text_encoder, text_encoder_2): sd-scripts' rule, and te1/te2 for any SDXL set."""
-    if text_encoder_2 is not None or arch == "sdxl":
-        return naming.TE1_PREFIX, naming.TE2_PREFIX
-    return naming.TE_PREFIX, naming.TE2_PREFIX
 
 
 @dataclass
@@ -84,7 +66,7 @@ def kohya_name_map(
     unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
     names: dict[str, ModuleTarget] = {}
     if unet is not None:
-        layout = _unet_layout(unet)
+        layout = naming.unet_layout(unet)
         for path, layer in layer_modules(unet).items():
             candidates = naming.unet_name_candidates(path, layout)
             for name, style in zip(candidates, ("diffusers", "lycoris", "ldm")):
@@ -112,37 +94,6 @@ def kohya_name_map(
     return names
 
 
-def _format_problems(title: str, groups: list[tuple[str, list[str]]], hints: list[str] = ()) -> str:
-    """One message: the title, hints, then per category its count and first few items."""
-    lines = [title]
-    lines += [f"  hint: {h}" for h in hints]
-    for label, items in groups:
-        if not items:
-            continue
-        lines.append(f"  {len(items)} {label}:")
-        lines += [f"    - {item}" for item in items[:_SHOWN]]
-        if len(items) > _SHOWN:
-            lines.append(f"    ... and {len(items) - _SHOWN} more")
-    return "\n".join(lines)
-
-
-def _partial_attention(names: list[str], prefix: str) -> list[str]:
-    """Text-encoder layers under `prefix` that have some but not all of q/k/v/out_proj (A1111's OpenCLIP
-    MultiheadAttention applies them only when all four are there)."""
-    per_layer: dict[int, set[str]] = {}
-    for name in names:
-        if not name.startswith(prefix + "_"):
-            continue
-        parsed = naming.te_sublayer(name)
-        if parsed and parsed[1] in naming.TE_ATTENTION_SUBLAYERS:
-            per_layer.setdefault(parsed[0], set()).add(parsed[1])
-    return [
-        f"{prefix} layer {i}: has {sorted(s)}, missing {sorted(set(naming.TE_ATTENTION_SUBLAYERS) - s)}"
-        for i, s in sorted(per_layer.items())
-        if len(s) != len(naming.TE_ATTENTION_SUBLAYERS)
-    ]
-
-
 def load_kohya(
     path: str | os.PathLike | KohyaFile,
     *,
@@ -153,25 +104,39 @@ def load_kohya(
     scale: float = 1.0,
 ) -> str:
     """Load a Kohya/LyCORIS LoHa, LoRA/LoCon or LoKr file onto diffusers/transformers models as adapter
-    `adapter_name` (user scale `scale`) and return the adapter name.
+    `adapter_name` (user scale `scale`, a unitless multiplier) and return the adapter name.
 
     Accepts SD1.x/SD2.x and SDXL files with diffusers, LDM (`input_blocks...`) or `lycoris_` UNet names, `lora_te`,
-    `lora_te1`, `lora_te2` text-encoder names, fp32/fp16/bf16. Every key must map to a module of the given models
-    with fitting shapes; otherwise one `KohyaFormatError` lists the problems and nothing is changed."""
-    kfile = path if isinstance(path, KohyaFile) else read_kohya(path)
-    source = str(kfile.path) if kfile.path is not None else "the Kohya state dict"
+    `lora_te1`, `lora_te2` text-encoder names, fp32/fp16/bf16. Each module becomes an adapter with fp32 factors
+    on its layer's device, `scaling = alpha / rank × scale` as ComfyUI and A1111 apply it (docs/kohya-format.md
+    section 9). Every check runs before the first layer is wrapped: a refused call leaves every model as it was.
+
+    Args:
+        path: a `.safetensors` file, or a `KohyaFile` already read (`read_kohya`, `parse_kohya_state_dict`).
+        unet, text_encoder, text_encoder_2: the models (or `LoHaModel`s) to load onto; at least one.
+        adapter_name: the new adapter's name (`layers.check_adapter_name`), unused on the given models.
+        scale: the user multiplier of the new adapter.
+
+    Raises:
+        AdapterNameError: `adapter_name` breaks the name rule or is already used on a given model.
+        ValueError: no model is given.
+        AdapterFileNotFoundError: no file at `path` (a `FileNotFoundError`).
+        KohyaFormatError: an unreadable file, or keys that map to no module, unusable modules, shapes that do
+            not fit, modules given twice: one message lists them all, with hints.
+    """
+    check_adapter_name(adapter_name)
     unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     given = {k: m for k, m in models.items() if m is not None}
     if not given:
         raise ValueError("load_kohya needs at least one of unet=, text_encoder=, text_encoder_2=.")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
-        raise ValueError(f"adapter_name {adapter_name!r} may only contain letters, digits, '_' and '-'.")
     taken = [k for k, m in given.items() if adapter_name in adapter_names(m)]
     if taken:
-        raise ValueError(
+        raise AdapterNameError(
             f"Adapter name {adapter_name!r} is already used on {taken}; pick another adapter_name."
         )
+    kfile = path if isinstance(path, KohyaFile) else read_kohya(path)
+    source = str(kfile.path) if kfile.path is not None else "the Kohya state dict"
     if not kfile.modules and not kfile.problems:
         raise KohyaFormatError(f"{source} holds no adapter modules (no '<module>.<tensor>' keys).")
 
@@ -202,7 +167,7 @@ def load_kohya(
     if kfile.problems or bad_modules or unmatched or shape_errors or duplicates:
         hints = _mismatch_hints(kfile, unet, text_encoder, text_encoder_2, unmatched)
         raise KohyaFormatError(
-            _format_problems(
+            format_problems(
                 f"Cannot load {source} ({len(kfile.modules)} modules) onto "
                 f"{', '.join(f'{k} ({type(m).__name__})' for k, m in given.items())}; nothing was changed.",
                 [
@@ -253,8 +218,13 @@ def _mismatch_hints(
 
 
 def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Module | None) -> None:
-    """Report what loads here but would not load (the same way) in ComfyUI/A1111 (kohya-format.md section 9)."""
-    no_alpha = [n for n, m in kfile.modules.items() if m.alpha is None and m.kind != "lokr"]
+    """Report what loads here but would not load (the same way) in ComfyUI/A1111 (docs/kohya-format.md
+    section 9)."""
+    no_alpha = [
+        n
+        for n, m in kfile.modules.items()
+        if m.alpha is None and m.adapter_class is not None and not m.adapter_class.file_alpha_optional
+    ]
     if no_alpha:
         warnings.warn(
             f"{len(no_alpha)} modules have no alpha (e.g. {no_alpha[0]}); using scale 1.0 as ComfyUI and A1111 do "
@@ -279,7 +249,7 @@ def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Mod
             stacklevel=3,
         )
     module_names = list(kfile.modules)
-    partial = _partial_attention(module_names, naming.TE2_PREFIX)
+    partial = naming.partial_attention(module_names, naming.TE2_PREFIX)
     if partial:
         warnings.warn(
             f"te2 attention with only some of q/k/v/out_proj ({partial[0]}; {len(partial)} layers): applied here "

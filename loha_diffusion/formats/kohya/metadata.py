@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ...adapters import Adapter, LayerSpec
+from ...utils import format_number, most_common
 from .. import naming
 
 # Short names accepted in `training_info` -> the sd-scripts metadata key they fill.
@@ -49,14 +50,18 @@ TRAINING_INFO_KEYS = {
 
 
 def addnet_hash(data: bytes) -> str:
-    """A1111's / sd-scripts' `sshs_model_hash`: sha256 of the safetensors bytes after the 8-byte length and
-    the JSON header (so it does not depend on the metadata)."""
+    """A1111's / sd-scripts' `sshs_model_hash` of the bytes of a `.safetensors` file: the hex sha256 of what
+    follows the 8-byte header length and the JSON header (so it does not depend on the metadata)."""
     (header_len,) = struct.unpack("<Q", data[:8])
     return hashlib.sha256(data[8 + header_len :]).hexdigest()
 
 
 def addnet_hash_file(path: str | os.PathLike) -> str:
-    """`addnet_hash` of a file on disk, read in chunks."""
+    """`addnet_hash` of a file on disk, read in 1 MiB chunks (hex sha256 string).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
@@ -64,14 +69,6 @@ def addnet_hash_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
     return sha.hexdigest()
-
-
-def _most_common(values: list[Any]) -> Any:
-    return Counter(values).most_common(1)[0][0] if values else None
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def kohya_metadata(
@@ -83,75 +80,109 @@ def kohya_metadata(
     metadata: Mapping[str, Any] | None = None,
     timestamp: float | None = None,
 ) -> dict[str, str]:
-    """The `__metadata__` A1111 and kohya users expect (ss_*, modelspec.*), from the facts of
-    `build_kohya_state_dict`, plus `training_info` (short names, see `TRAINING_INFO_KEYS`, or `ss_*` keys) and
-    user `metadata` (added last, may override). All values become strings (dicts/lists as JSON)."""
+    """The `__metadata__` A1111 and kohya users expect (ss_*, modelspec.*; docs/kohya-format.md section 8).
+
+    Args:
+        facts: the facts of `build_kohya_state_dict` (`arch`, `adapters`).
+        base_model_version: `ss_base_model_version` (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0); default: from
+            `arch`, or SDXL when there are `lora_te2_` modules.
+        output_name: `ss_output_name` and `modelspec.title`.
+        training_info: short names (`TRAINING_INFO_KEYS`; `resolution` an int or `(width, height)` in pixels)
+            or `ss_*` / `modelspec.*` keys; None values are skipped.
+        metadata: user keys, added last (may override).
+        timestamp: seconds since the epoch for `modelspec.date` (default: now).
+
+    Returns:
+        key -> string value (dicts/lists as JSON). `ss_network_dim`/`ss_network_alpha` are the most common
+        rank/alpha of the Linear (and 1x1) modules, `conv_dim`/`conv_alpha` of the kxk convs; the network module
+        is the kind's own sd-scripts module when it has one (`Adapter.kohya_network_module`), else
+        `lycoris.kohya` with the kind's `algo`.
+
+    Raises:
+        ValueError: an unknown `training_info` key.
+    """
     adapters: dict[str, tuple[Adapter, nn.Module]] = facts["adapters"]
-    arch = facts.get("arch")
-    kinds = Counter(a.kind for a, _ in adapters.values())
+    if base_model_version is None:
+        if facts.get("arch") is not None:
+            base_model_version = naming.BASE_MODEL_VERSIONS[facts["arch"]]
+        elif any(n.startswith(naming.TE2_PREFIX + "_") for n in adapters):
+            base_model_version = naming.BASE_MODEL_VERSIONS["sdxl"]
+    timestamp = time.time() if timestamp is None else timestamp
+    out: dict[str, Any] = {
+        **_network_fields(adapters),
+        "ss_v2": str(bool(base_model_version and base_model_version.startswith("sd_v2"))),
+        "ss_output_name": output_name or "",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": output_name or f"LoRA@{int(timestamp)}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.prediction_type": "v" if base_model_version == "sd_v2_v" else "epsilon",
+    }
+    if base_model_version:
+        out["ss_base_model_version"] = base_model_version
+        out.update(_modelspec_architecture(base_model_version))
+    out.update(_training_fields(training_info or {}))
+    for key, value in (metadata or {}).items():
+        out[key] = value
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()}
+
+
+def _network_fields(adapters: Mapping[str, tuple[Adapter, nn.Module]]) -> dict[str, str]:
+    """`ss_network_module`, `ss_network_dim`, `ss_network_alpha`, `ss_network_args` of the adapters, from what
+    their kinds declare (`kohya_network_module`, `lycoris_algo`)."""
+    kinds = Counter(type(a) for a, _ in adapters.values())
     main_kind = kinds.most_common(1)[0][0]
     linear = [a for a, layer in adapters.values() if LayerSpec.from_module(layer).kernel_numel == 1]
     conv = [a for a, layer in adapters.values() if LayerSpec.from_module(layer).kernel_numel > 1]
     uses_cp = any(getattr(a, "is_cp", False) for a, _ in adapters.values())
     dims = linear or conv
-    network_dim, network_alpha = _most_common([a.r for a in dims]), _most_common([a.alpha for a in dims])
-
-    if base_model_version is None:
-        if arch is not None:
-            base_model_version = naming.BASE_MODEL_VERSIONS[arch]
-        elif any(n.startswith(naming.TE2_PREFIX + "_") for n in adapters):
-            base_model_version = naming.BASE_MODEL_VERSIONS["sdxl"]
-    v2 = bool(base_model_version and base_model_version.startswith("sd_v2"))
-    sdxl = bool(base_model_version and base_model_version.startswith("sdxl"))
-    v_pred = base_model_version == "sd_v2_v"
-
-    if set(kinds) == {"lora"} and not uses_cp:
-        network_module = "networks.lora"
+    own_modules = {cls.kohya_network_module for cls in kinds}
+    if len(own_modules) == 1 and None not in own_modules and not uses_cp:
+        network_module = own_modules.pop()  # sd-scripts trains this kind itself (networks.lora)
         args: dict[str, str] = {}
     else:
         network_module = "lycoris.kohya"
-        algo = {"loha": "loha", "lokr": "lokr", "lora": "locon"}[main_kind]
-        args = {"algo": algo, "use_tucker": str(uses_cp)}
+        args = {"algo": main_kind.lycoris_algo, "use_tucker": str(uses_cp)}
     if conv:
-        args["conv_dim"] = str(_most_common([a.r for a in conv]))
-        args["conv_alpha"] = _number(_most_common([a.alpha for a in conv]))
-    rank_dropout = _most_common([a.rank_dropout for a, _ in adapters.values()])
-    module_dropout = _most_common([a.module_dropout for a, _ in adapters.values()])
+        args["conv_dim"] = str(most_common([a.r for a in conv]))
+        args["conv_alpha"] = format_number(most_common([a.alpha for a in conv]))
+    rank_dropout = most_common([a.rank_dropout for a, _ in adapters.values()])
+    module_dropout = most_common([a.module_dropout for a, _ in adapters.values()])
     if rank_dropout or module_dropout or network_module == "lycoris.kohya":
-        args["rank_dropout"] = _number(rank_dropout)
-        args["module_dropout"] = _number(module_dropout)
-
-    timestamp = time.time() if timestamp is None else timestamp
-    out: dict[str, Any] = {
+        args["rank_dropout"] = format_number(rank_dropout)
+        args["module_dropout"] = format_number(module_dropout)
+    return {
         "ss_network_module": network_module,
-        "ss_network_dim": str(network_dim),
-        "ss_network_alpha": _number(network_alpha),
+        "ss_network_dim": str(most_common([a.r for a in dims])),
+        "ss_network_alpha": format_number(most_common([a.alpha for a in dims])),
         "ss_network_args": json.dumps(args),
-        "ss_v2": str(v2),
-        "ss_output_name": output_name or "",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.title": output_name or f"LoRA@{int(timestamp)}",
-        "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
-    if base_model_version:
-        out["ss_base_model_version"] = base_model_version
-        if sdxl:
-            spec_arch, impl, reso = (
-                "stable-diffusion-xl-v1-base",
-                "https://github.com/Stability-AI/generative-models",
-                1024,
-            )
-        elif v2:
-            spec_arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
-            impl, reso = "diffusers", 768 if v_pred else 512
-        else:
-            spec_arch, impl, reso = "stable-diffusion-v1", "diffusers", 512
-        out["modelspec.architecture"] = spec_arch + "/lora"
-        out["modelspec.implementation"] = impl
-        out["modelspec.resolution"] = f"{reso}x{reso}"
 
-    for key, value in (training_info or {}).items():
+
+def _modelspec_architecture(base_model_version: str) -> dict[str, str]:
+    """`modelspec.architecture`, `.implementation` and `.resolution` (pixels) for a base model version."""
+    v_pred = base_model_version == "sd_v2_v"
+    if base_model_version.startswith("sdxl"):
+        spec_arch, impl, reso = (
+            "stable-diffusion-xl-v1-base",
+            "https://github.com/Stability-AI/generative-models",
+            1024,
+        )
+    elif base_model_version.startswith("sd_v2"):
+        spec_arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+        impl, reso = "diffusers", 768 if v_pred else 512
+    else:
+        spec_arch, impl, reso = "stable-diffusion-v1", "diffusers", 512
+    return {
+        "modelspec.architecture": spec_arch + "/lora",
+        "modelspec.implementation": impl,
+        "modelspec.resolution": f"{reso}x{reso}",
+    }
+
+
+def _training_fields(training_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The metadata keys `training_info` fills (see `kohya_metadata`); ValueError for an unknown key."""
+    out: dict[str, Any] = {}
+    for key, value in training_info.items():
         if value is None:
             continue
         target = TRAINING_INFO_KEYS.get(key, key if key.startswith(("ss_", "modelspec.")) else None)
@@ -167,13 +198,16 @@ def kohya_metadata(
         if key == "prediction_type":
             value = {"v_prediction": "v"}.get(value, value)
         out[target] = value
-    for key, value in (metadata or {}).items():
-        out[key] = value
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()}
+    return out
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """Just the `__metadata__` of a `.safetensors` file (no tensors are read)."""
+    """Just the `__metadata__` of a `.safetensors` file (key -> string; no tensors are read; {} without one).
+
+    Raises:
+        OSError: the file cannot be read (`FileNotFoundError` when it does not exist).
+        struct.error, json.JSONDecodeError: the file is not a `.safetensors` file.
+    """
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.load(io.BytesIO(f.read(header_len)))

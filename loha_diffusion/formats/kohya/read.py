@@ -1,15 +1,18 @@
 """Reading Kohya / LyCORIS `.safetensors` adapter files: `read_kohya`, `parse_kohya_state_dict`, and the
 per-module records `KohyaModule` / `KohyaFile` (nothing is applied to a model here).
 
-The reference for names, layouts, scales and metadata is the shared docs' kohya-format.md. In short: one key per
-tensor, `<module name>.<tensor name>`; LoHa `hada_w1_a ... (hada_t1/t2 for CP)`, LoRA/LoCon `lora_down.weight`,
-`lora_up.weight` (`lora_mid.weight` for Tucker), LoKr `lokr_*`; a 0-dim `alpha` per module; scale `alpha / r`.
+The reference for names, layouts, scales and metadata is docs/kohya-format.md. In short: one key per tensor,
+`<module name>.<tensor name>`; LoHa `hada_w1_a ... (hada_t1/t2 for CP)`, LoRA/LoCon `lora_down.weight`,
+`lora_up.weight` (`lora_mid.weight` for Tucker), LoKr `lokr_*`; a 0-dim `alpha` per module; scaling `alpha / r`.
+Which tensors make which kind, and how each kind is rebuilt, is declared by the adapter classes
+(`loha_diffusion.adapters.ADAPTER_KINDS`); this module only groups, checks and dispatches.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,42 +21,53 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ...adapters import Adapter, LayerSpec, LoHaAdapter, LoRAAdapter
-from ...adapters.lokr import LoKrAdapter
-from ...functional import lokr as lokr_fn
-from ...functional import lora as lora_fn
-from ...functional.loha import delta_weight_reference as loha_delta
+from ...adapters import (
+    Adapter,
+    LayerSpec,
+    LoHaAdapter,
+    LoKrAdapter,
+    LoRAAdapter,
+    adapter_class,
+    detect_kind,
+    kind_titles,
+)
+from ...errors import AdapterFileNotFoundError, KohyaFormatError
 from .. import naming
 
-LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-LOHA_CP_TENSORS = ("hada_t1", "hada_t2")
-LORA_TENSORS = ("lora_down.weight", "lora_up.weight")
-LORA_CP_TENSORS = ("lora_mid.weight",)
-LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+# The Kohya tensor names of each kind, as the adapter classes declare them (kept for callers of the old module).
+LOHA_TENSORS = LoHaAdapter.file_tensors
+LOHA_CP_TENSORS = LoHaAdapter.optional_file_tensors
+LORA_TENSORS = LoRAAdapter.file_tensors
+LORA_CP_TENSORS = LoRAAdapter.optional_file_tensors
+LOKR_TENSORS = LoKrAdapter.optional_file_tensors
 # Kohya LoRA names <-> our (PEFT) adapter tensor names.
-KOHYA_TO_PEFT_LORA = {
-    "lora_down.weight": "lora_A.weight",
-    "lora_up.weight": "lora_B.weight",
-    "lora_mid.weight": "lora_mid.weight",
-}
-PEFT_TO_KOHYA_LORA = {v: k for k, v in KOHYA_TO_PEFT_LORA.items()}
+PEFT_TO_KOHYA_LORA = dict(LoRAAdapter.kohya_names)
+KOHYA_TO_PEFT_LORA = {v: k for k, v in PEFT_TO_KOHYA_LORA.items()}
 
-
-class KohyaFormatError(ValueError):
-    """A Kohya file, or a model/adapter to be written as one, has problems; the message lists all of them."""
+UNKNOWN_KIND = "unknown"
 
 
 @dataclass
 class KohyaModule:
-    """One module of a Kohya/LyCORIS file: its kind, factor tensors (file names, no alpha) and alpha.
+    """One module of a Kohya/LyCORIS file: its kind, factor tensors (file names, no alpha; as stored: file
+    dtype, CPU) and alpha.
 
-    `problems` lists what makes the module unusable (unknown tensors, DoRA, a malformed alpha, ...)."""
+    `kind` is an adapter kind ("loha", "lora", "lokr": `adapters.adapter_class`) or "unknown". `problems` lists what
+    makes the module unusable (unknown tensors, DoRA, a malformed alpha, ...)."""
 
     name: str
-    kind: str  # "loha" | "lora" | "lokr" | "unknown"
+    kind: str
     tensors: dict[str, torch.Tensor]
     alpha: float | None
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def adapter_class(self) -> type[Adapter] | None:
+        """The adapter class of `kind` (`adapters.adapter_class`), None for an unknown kind."""
+        try:
+            return adapter_class(self.kind)
+        except ValueError:
+            return None
 
     @property
     def prefix(self) -> str:
@@ -71,101 +85,69 @@ class KohyaModule:
 
     @property
     def rank(self) -> int | None:
-        """The rank the loaders divide alpha by (`hada_w1_b.shape[0]`, `lora_down.shape[0]`, LoKr's rule)."""
-        if self.kind == "loha" and "hada_w1_b" in self.tensors:
-            return int(self.tensors["hada_w1_b"].shape[0])
-        if self.kind == "lora" and "lora_down.weight" in self.tensors:
-            return int(self.tensors["lora_down.weight"].shape[0])
-        if self.kind == "lokr":
-            try:
-                return lokr_fn.lokr_rank(self.tensors)
-            except ValueError:
-                return None
-        return None
+        """The rank the loaders divide alpha by (`hada_w1_b.shape[0]`, `lora_down.shape[0]`, LoKr's rule: see
+        each kind's `file_rank`); None when the kind is unknown or the rank cannot be read."""
+        cls = self.adapter_class
+        return cls.file_rank(self.tensors) if cls is not None else None
 
     @property
     def is_cp(self) -> bool:
-        """CP/Tucker form (`hada_t1`, `lora_mid`, `lokr_t2`)."""
-        return any(k in self.tensors for k in ("hada_t1", "lora_mid.weight", "lokr_t2"))
+        """CP/Tucker form (`hada_t1`, `lora_mid`, `lokr_t2`); False for an unknown kind."""
+        cls = self.adapter_class
+        return cls is not None and cls.file_is_cp(self.tensors)
+
+    @property
+    def scaling(self) -> float:
+        """The factor ComfyUI and A1111 multiply the rebuilt product by (user multiplier 1): `alpha / rank`,
+        1.0 without alpha (and for LoKr without a factorized half); each kind's `file_scaling`. Unitless."""
+        cls = self.adapter_class
+        return cls.file_scaling(self.alpha, self.tensors) if cls is not None else 1.0
 
     @property
     def scale(self) -> float:
-        """The factor ComfyUI and A1111 multiply the rebuilt product by: `alpha / rank`, 1.0 without alpha
-        (and for LoKr without a factorized half)."""
-        if self.kind == "lokr":
-            return lokr_fn.lokr_scale(self.alpha, self.rank)
-        if self.alpha is None or not self.rank:
-            return 1.0
-        return self.alpha / self.rank
+        """Deprecated name of `scaling` (`scale` is the user multiplier everywhere else)."""
+        warnings.warn(
+            "KohyaModule.scale is deprecated; use KohyaModule.scaling (alpha / rank).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.scaling
 
     @property
     def dtype(self) -> torch.dtype | None:
+        """The dtype of the module's tensors (of the first; `problems` notes a mix), None without tensors."""
         return next(iter(self.tensors.values())).dtype if self.tensors else None
 
     def num_params(self) -> int:
+        """Number of factor elements (alpha not counted)."""
         return sum(t.numel() for t in self.tensors.values())
 
     def delta_weight(self, weight_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """ΔW as the loaders rebuild it from the file (fp32, `scale` applied, multiplier 1), shaped `weight_shape`."""
-        t = {k: v.float() for k, v in self.tensors.items()}
-        if self.kind == "loha":
-            delta = loha_delta(
-                t["hada_w1_a"],
-                t["hada_w1_b"],
-                t["hada_w2_a"],
-                t["hada_w2_b"],
-                t.get("hada_t1"),
-                t.get("hada_t2"),
-            )
-            return (delta * self.scale).reshape(weight_shape)
-        if self.kind == "lora":
-            return lora_fn.delta_weight(
-                t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight"), weight_shape, self.scale
-            )
-        if self.kind == "lokr":
-            return lokr_fn.delta_weight(t, weight_shape, self.scale)
-        raise KohyaFormatError(f"{self.name}: cannot rebuild a delta for an unknown module kind")
+        """ΔW as the loaders rebuild it from the file: an fp32 tensor shaped `weight_shape` on the tensors'
+        device (the CPU for a read file), `scaling` applied, user multiplier 1.
+
+        Raises:
+            KohyaFormatError: the module's kind is unknown.
+        """
+        cls = self.adapter_class
+        if cls is None:
+            raise KohyaFormatError(f"{self.name}: cannot rebuild a delta for an unknown module kind")
+        tensors = {k: v.float() for k, v in self.tensors.items()}
+        return cls.file_delta_weight(tensors, weight_shape, self.scaling)
 
     def to_adapter(self, spec: LayerSpec) -> Adapter:
-        """An fp32 adapter of our kind holding this module's factors for a layer of geometry `spec`.
+        """An adapter of this module's kind holding its factors (fp32, CPU) for a layer of geometry `spec`.
 
-        Missing alpha gives scale 1 (alpha = rank), as ComfyUI and A1111 do. Shapes that do not fit raise a
-        `ValueError` naming them (LyCORIS would crash, ComfyUI and A1111 would skip or mis-apply the module)."""
+        Missing alpha gives scale 1 (alpha = rank), as ComfyUI and A1111 do.
+
+        Raises:
+            KohyaFormatError: the module has `problems` (unknown kind, unknown tensors, ...).
+            ValueError: (`AdapterStateError`) shapes that do not fit `spec`, named in the message (LyCORIS would
+                crash, ComfyUI and A1111 would skip or mis-apply the module).
+        """
         if self.problems:
-            raise ValueError("; ".join(self.problems))
-        rank = self.rank
-        if self.kind == "lokr":
-            return LoKrAdapter.from_tensors(spec, self.tensors, self.alpha)
-        alpha = self.alpha if self.alpha is not None else float(rank)
-        if self.kind == "loha":
-            adapter = LoHaAdapter(spec, rank, alpha, use_effective_conv2d=self.is_cp, init_weights=False)
-            tensors = self.tensors
-        elif self.kind == "lora":
-            adapter = LoRAAdapter(spec, rank, alpha, use_effective_conv2d=self.is_cp, init_weights=False)
-            own = adapter.state_tensors()
-            tensors = {
-                KOHYA_TO_PEFT_LORA[k]: _fit_unit_dims(v, tuple(own[KOHYA_TO_PEFT_LORA[k]].shape))
-                for k, v in self.tensors.items()
-            }
-        else:
-            raise ValueError(f"unknown module kind {self.kind!r}")
-        if self.is_cp and not getattr(adapter, "is_cp", False):
-            raise ValueError(f"CP/Tucker tensors given for a {spec.op} layer without a spatial kernel > 1")
-        adapter.load_state_tensors(tensors)
-        return adapter
-
-
-def _fit_unit_dims(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Reshape when only trailing unit dims differ (a 2-D `lora_down` on a 1x1 conv, as A1111 and ComfyUI accept)."""
-
-    def core(s: tuple[int, ...]) -> tuple[int, ...]:
-        while len(s) > 2 and s[-1] == 1:
-            s = s[:-1]
-        return s
-
-    if tuple(tensor.shape) != shape and core(tuple(tensor.shape)) == core(shape):
-        return tensor.reshape(shape)
-    return tensor
+            raise KohyaFormatError("; ".join(self.problems))
+        return self.adapter_class.from_file_tensors(spec, self.tensors, self.alpha)
 
 
 @dataclass
@@ -179,20 +161,24 @@ class KohyaFile:
 
     @property
     def all_problems(self) -> list[str]:
+        """File problems and every module's problems (`"<module>: <problem>"`)."""
         return self.problems + [f"{m.name}: {p}" for m in self.modules.values() for p in m.problems]
 
     @property
     def dtypes(self) -> list[str]:
+        """The tensor dtypes in the file, sorted ("float16", ...)."""
         return sorted(
             {str(t.dtype).replace("torch.", "") for m in self.modules.values() for t in m.tensors.values()}
         )
 
     @property
     def kinds(self) -> dict[str, int]:
+        """Module count per kind ("loha", "lora", "lokr", "unknown")."""
         return dict(Counter(m.kind for m in self.modules.values()))
 
     @property
     def prefixes(self) -> dict[str, int]:
+        """Module count per name prefix (`lora_unet`, `lora_te1`, ...)."""
         return dict(Counter(m.prefix for m in self.modules.values()))
 
     def guess_architecture(self) -> str | None:
@@ -226,7 +212,9 @@ def parse_kohya_state_dict(
     state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> KohyaFile:
     """Group a Kohya/LyCORIS state dict into modules (`<module>.<tensor>` split at the first dot, as A1111 does)
-    and classify each one; problems are recorded, not raised (see `KohyaFile.all_problems`)."""
+    and classify each one; problems are recorded, not raised (see `KohyaFile.all_problems`).
+
+    Tensors are kept as given (same objects: dtype, device); `metadata` values are strings."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
     for key, tensor in state_dict.items():
@@ -235,11 +223,13 @@ def parse_kohya_state_dict(
             problems.append(f"key {key!r} has no '<module>.<tensor>' form")
             continue
         grouped.setdefault(module, {})[tensor_name] = tensor
-    modules = {name: _classify(name, tensors) for name, tensors in grouped.items()}
+    modules = {name: classify_module(name, tensors) for name, tensors in grouped.items()}
     return KohyaFile(modules=modules, metadata=dict(metadata or {}), problems=problems)
 
 
-def _classify(name: str, tensors: dict[str, torch.Tensor]) -> KohyaModule:
+def classify_module(name: str, tensors: Mapping[str, torch.Tensor]) -> KohyaModule:
+    """The record of file module `name` from its tensors (file names, `alpha` included): the kind the adapter
+    classes detect (`adapters.detect_kind`), the alpha, and every problem (recorded, not raised)."""
     tensors = dict(tensors)
     problems = []
     alpha = None
@@ -257,38 +247,12 @@ def _classify(name: str, tensors: dict[str, torch.Tensor]) -> KohyaModule:
             "ignoring it would give a different delta than ComfyUI/A1111. Re-export the adapter without DoRA."
         )
         tensors.pop("dora_scale")
-    if "hada_w1_a" in tensors:
-        kind, required, optional = "loha", LOHA_TENSORS, LOHA_CP_TENSORS
-    elif "lora_down.weight" in tensors or "lora_up.weight" in tensors:
-        kind, required, optional = "lora", LORA_TENSORS, LORA_CP_TENSORS
-    elif "lokr_w1" in tensors or "lokr_w1_a" in tensors:
-        kind, required, optional = "lokr", (), LOKR_TENSORS
+    kind = detect_kind(tensors)
+    if kind is None:
+        kind = UNKNOWN_KIND
+        problems.append(f"no {kind_titles()} tensors (has {sorted(tensors)}); only those kinds are supported")
     else:
-        kind, required, optional = "unknown", (), ()
-        problems.append(
-            f"no LoHa, LoRA or LoKr tensors (has {sorted(tensors)}); only those kinds are supported"
-        )
-    if kind != "unknown":
-        missing = [k for k in required if k not in tensors]
-        extra = sorted(set(tensors) - set(required) - set(optional))
-        if missing:
-            problems.append(f"{kind} module is missing {missing}")
-        if extra:
-            problems.append(f"unsupported tensors {extra} in a {kind} module")
-        if kind == "loha":
-            present = [k for k in LOHA_CP_TENSORS if k in tensors]
-            if len(present) == 1:
-                problems.append(f"CP LoHa needs both hada_t1 and hada_t2, has only {present}")
-            if not missing and tensors["hada_w1_b"].shape[0] != tensors["hada_w2_b"].shape[0]:
-                problems.append(
-                    f"hada_w1_b rank {tensors['hada_w1_b'].shape[0]} differs from hada_w2_b rank "
-                    f"{tensors['hada_w2_b'].shape[0]} (loaders scale by the w1 rank)"
-                )
-        if kind == "lokr":
-            try:
-                lokr_fn.lokr_rank(tensors)
-            except ValueError as err:
-                problems.append(str(err))
+        problems += adapter_class(kind).file_problems(tensors)
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) > 1:
         problems.append(
@@ -298,10 +262,18 @@ def _classify(name: str, tensors: dict[str, torch.Tensor]) -> KohyaModule:
 
 
 def read_kohya(path: str | os.PathLike) -> KohyaFile:
-    """Read a Kohya/LyCORIS `.safetensors` file into per-module records plus its metadata (nothing is applied)."""
+    """Read a Kohya/LyCORIS `.safetensors` file into per-module records plus its metadata (nothing is applied).
+
+    Tensors stay in the file's dtype, on the CPU.
+
+    Raises:
+        AdapterFileNotFoundError: no file at `path` (also a `FileNotFoundError`).
+        KohyaFormatError: the file is not a readable `.safetensors` file. Problems of its modules are recorded
+            in the result (`KohyaFile.all_problems`), not raised.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No Kohya/LyCORIS adapter file at {path}.")
+        raise AdapterFileNotFoundError(f"No Kohya/LyCORIS adapter file at {path}.")
     state_dict = {}
     try:
         with safe_open(str(path), framework="pt") as f:
