@@ -132,7 +132,9 @@ def test_file_scaling_rules():
     lora = t["lora_linear"].file_state_tensors()  # rank 4
     assert LoRAAdapter.file_rank(lora) == 4
     assert LoRAAdapter.file_scaling(2.0, lora) == 0.5
-    assert LoRAAdapter.file_scaling(None, lora) == 1.0  # no alpha: scale 1 (not 1/rank), as ComfyUI and A1111
+    assert (
+        LoRAAdapter.file_scaling(None, lora) == 1.0
+    )  # no alpha: scaling 1 (not 1/rank), as ComfyUI and A1111
     loha = t["loha_linear"].file_state_tensors()  # rank 3
     assert LoHaAdapter.file_scaling(1.5, loha) == 0.5 and LoHaAdapter.file_scaling(None, loha) == 1.0
     full = t["lokr_full"].file_state_tensors()  # both halves full: no rank, alpha ignored

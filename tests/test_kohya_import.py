@@ -219,7 +219,7 @@ def test_missing_alpha_means_scale_one(tmp_path, tiny_sd1_pipeline, kohya_files)
     src, dst = tmp_path / "a.safetensors", tmp_path / "noalpha.safetensors"
     targets = kohya_files.write(src, pipe, algo="loha", rank=4, alpha=2.0)
     _rewrite(src, dst, lambda t: [t.pop(k) for k in [k for k in t if k.endswith(".alpha")]])
-    with pytest.warns(UserWarning, match="no alpha.*scale 1.0"):
+    with pytest.warns(UserWarning, match="no alpha.*scaling 1.0"):
         load_kohya(dst, unet=pipe.unet, text_encoder=pipe.text_encoder)
     tensors = load_file(str(dst))
     name, (component, module_path) = next(iter(targets.items()))

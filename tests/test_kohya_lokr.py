@@ -50,8 +50,10 @@ def test_lokr_delta_matches_lycoris(case):
     assert got.shape == layer.weight.shape
     assert (got - expected).abs().max() <= 1e-6 * expected.abs().max()
     # The same delta from the pure function on the file tensors.
-    scale = lokr_fn.lokr_scale(alpha, lokr_fn.lokr_rank(sd))
-    assert torch.allclose(lokr_fn.delta_weight(sd, layer.weight.shape, scale), expected, rtol=1e-5, atol=1e-6)
+    scaling = lokr_fn.lokr_scaling(alpha, lokr_fn.lokr_rank(sd))
+    assert torch.allclose(
+        lokr_fn.delta_weight(sd, layer.weight.shape, scaling), expected, rtol=1e-5, atol=1e-6
+    )
     # Tensors come back under the file names with the file's shapes.
     assert {k: tuple(v.shape) for k, v in adapter.state_tensors().items()} == {
         k: tuple(v.shape) for k, v in sd.items()
@@ -69,9 +71,9 @@ def test_lokr_scale_rules():
     with_alpha = LoKrAdapter.from_tensors(spec, sd, 2.0)
     no_alpha = LoKrAdapter.from_tensors(spec, sd, None)
     assert with_alpha.scaling == pytest.approx(0.5)
-    assert no_alpha.scaling == 1.0  # missing alpha: scale 1, as ComfyUI and A1111
+    assert no_alpha.scaling == 1.0  # missing alpha: scaling 1, as ComfyUI and A1111
     assert torch.allclose(with_alpha.delta_weight(), 0.5 * no_alpha.delta_weight())
-    # Both halves full: alpha is ignored (scale 1).
+    # Both halves full: alpha is ignored (scaling 1).
     _, full = _lycoris_module(layer, dict(lora_dim=4, alpha=2.0, full_matrix=True))
     full.pop("alpha")
     assert LoKrAdapter.from_tensors(spec, full, 7.0).scaling == 1.0

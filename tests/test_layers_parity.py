@@ -80,11 +80,11 @@ def _reference_output(layer, x):
     if adapter.kind == "loha":
         delta = delta_weight_reference(
             factors["hada_w1_a"], factors["hada_w1_b"], factors["hada_w2_a"], factors["hada_w2_b"],
-            factors.get("hada_t1"), factors.get("hada_t2"), scale=adapter.scaling,
+            factors.get("hada_t1"), factors.get("hada_t2"), scaling=adapter.scaling,
         )  # fmt: skip
     else:
         delta = lora_delta(factors["lora_A.weight"], factors["lora_B.weight"], factors.get("lora_mid.weight"),
-                           scale=adapter.scaling)  # fmt: skip
+                           scaling=adapter.scaling)  # fmt: skip
     delta = delta.reshape(layer.spec.weight_shape)
     return layer.base_layer(x) + layer.spec.apply(x, delta)
 

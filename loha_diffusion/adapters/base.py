@@ -277,7 +277,7 @@ class Adapter(nn.Module):
         cls, spec: LayerSpec, tensors: Mapping[str, torch.Tensor], alpha: float | None
     ) -> Adapter:
         """An adapter of this kind for a layer of geometry `spec` holding the file module `tensors` (Kohya
-        names, any dtype), with the file's `alpha` (None: scale 1 as in ComfyUI and A1111, i.e. alpha = rank).
+        names, any dtype), with the file's `alpha` (None: scaling 1 as in ComfyUI and A1111, i.e. alpha = rank).
 
         Factors are fp32 on the CPU (the constructor's), loaded from `tensors`. This default serves kinds whose
         constructor takes `(spec, r, alpha, use_effective_conv2d=...)`; other kinds override it.

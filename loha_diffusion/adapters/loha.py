@@ -137,7 +137,7 @@ class LoHaAdapter(Adapter):
 
     def delta_weight(self) -> torch.Tensor:
         w1a, w1b, w2a, w2b, t1, t2 = self._factors()
-        delta = loha_fn.delta_weight(w1a, w1b, w2a, w2b, t1, t2, scale=self.scaling)
+        delta = loha_fn.delta_weight(w1a, w1b, w2a, w2b, t1, t2, scaling=self.scaling)
         return delta.reshape(self.spec.weight_shape)
 
     # -- fast path ---------------------------------------------------------------------------------

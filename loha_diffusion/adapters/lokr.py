@@ -18,7 +18,7 @@ class LoKrAdapter(Adapter):
 
     Each half is full (`lokr_w1`, `lokr_w2`) or factorized with rank `r` (`lokr_w1_a @ lokr_w1_b`,
     `lokr_w2_a @ lokr_w2_b`, or CP `lokr_t2` + rank-first `lokr_w2_a (r, b)`, `lokr_w2_b (r, d)` for kernels > 1).
-    Scale rule (ComfyUI, A1111, LyCORIS): `scaling = alpha / r · scale` when some half is factorized, else just
+    Scaling rule (ComfyUI, A1111, LyCORIS): `scaling = alpha / r · scale` when some half is factorized, else just
     `scale` (alpha is then ignored, as LyCORIS forces alpha = dim for full halves).
     """
 
@@ -109,8 +109,8 @@ class LoKrAdapter(Adapter):
     def file_scaling(cls, alpha: float | None, tensors: Mapping[str, torch.Tensor]) -> float:
         """`alpha / rank` when a half is factorized and alpha is present, else 1.0: ComfyUI
         (`comfy/weight_adapter/lokr.py`) and A1111 (`extensions-builtin/Lora/network_lokr.py`) use 1.0 without
-        a `_b` factor, and LyCORIS forces alpha = dim for full halves (`functional.lokr.lokr_scale`)."""
-        return lokr_fn.lokr_scale(alpha, cls.file_rank(tensors))
+        a `_b` factor, and LyCORIS forces alpha = dim for full halves (`functional.lokr.lokr_scaling`)."""
+        return lokr_fn.lokr_scaling(alpha, cls.file_rank(tensors))
 
     @classmethod
     def file_delta_weight(
@@ -130,7 +130,7 @@ class LoKrAdapter(Adapter):
         """Build an adapter of the form `tensors` (file names: `lokr_w1`, `lokr_w2_a`, ...) have, and load them
         (fp32 factors on the CPU).
 
-        `alpha=None` (no alpha in the file) means scale 1, as in ComfyUI and A1111.
+        `alpha=None` (no alpha in the file) means scaling 1, as in ComfyUI and A1111.
 
         Raises:
             AdapterStateError: (a `ValueError`) unknown or missing tensors, or shapes that do not fit the layer;

@@ -25,28 +25,28 @@ def delta_weight_reference(
     w2b: torch.Tensor,
     t1: torch.Tensor | None = None,
     t2: torch.Tensor | None = None,
-    scale: float = 1.0,
+    scaling: float = 1.0,
 ) -> torch.Tensor:
     """The plain formula with ordinary autograd: flat `(out, in·k)` or CP `(out, in, *kernel)`."""
     if t1 is None:
-        return (w1a @ w1b) * (w2a @ w2b) * scale
-    return rebuild_cp(t1, w1a, w1b) * rebuild_cp(t2, w2a, w2b) * scale
+        return (w1a @ w1b) * (w2a @ w2b) * scaling
+    return rebuild_cp(t1, w1a, w1b) * rebuild_cp(t2, w2a, w2b) * scaling
 
 
 class HadaWeight(torch.autograd.Function):
-    """`scale · (w1a @ w1b) ⊙ (w2a @ w2b)` that saves only the factors and recomputes the two out×in
+    """`scaling · (w1a @ w1b) ⊙ (w2a @ w2b)` that saves only the factors and recomputes the two out×in
     products in backward, so no out×in tensor stays alive between forward and backward."""
 
     @staticmethod
-    def forward(ctx, w1a, w1b, w2a, w2b, scale: float):
+    def forward(ctx, w1a, w1b, w2a, w2b, scaling: float):
         ctx.save_for_backward(w1a, w1b, w2a, w2b)
-        ctx.scale = scale
-        return (w1a @ w1b) * (w2a @ w2b) * scale
+        ctx.scaling = scaling
+        return (w1a @ w1b) * (w2a @ w2b) * scaling
 
     @staticmethod
     def backward(ctx, grad_out):
         w1a, w1b, w2a, w2b = ctx.saved_tensors
-        grad = grad_out * ctx.scale
+        grad = grad_out * ctx.scaling
         grad_1 = grad * (w2a @ w2b)
         grad_w1a, grad_w1b = grad_1 @ w1b.T, w1a.T @ grad_1
         del grad_1
@@ -56,22 +56,22 @@ class HadaWeight(torch.autograd.Function):
 
 
 class HadaWeightCP(torch.autograd.Function):
-    """CP/Tucker LoHa delta `scale · M(t1, w1a, w1b) ⊙ M(t2, w2a, w2b)` saving only the factors.
+    """CP/Tucker LoHa delta `scaling · M(t1, w1a, w1b) ⊙ M(t2, w2a, w2b)` saving only the factors.
 
     Backward recomputes each half under autograd and differentiates that recompute, so every factor's
     gradient is the exact one (PEFT's hand-written `HadaWeightCP` backward swaps the w1a/w2a chains).
     """
 
     @staticmethod
-    def forward(ctx, t1, w1a, w1b, t2, w2a, w2b, scale: float):
+    def forward(ctx, t1, w1a, w1b, t2, w2a, w2b, scaling: float):
         ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
-        ctx.scale = scale
-        return rebuild_cp(t1, w1a, w1b) * rebuild_cp(t2, w2a, w2b) * scale
+        ctx.scaling = scaling
+        return rebuild_cp(t1, w1a, w1b) * rebuild_cp(t2, w2a, w2b) * scaling
 
     @staticmethod
     def backward(ctx, grad_out):
         t1, w1a, w1b, t2, w2a, w2b = ctx.saved_tensors
-        grad = grad_out * ctx.scale
+        grad = grad_out * ctx.scaling
         with torch.enable_grad():
             half_1 = [f.detach().requires_grad_() for f in (t1, w1a, w1b)]
             half_2 = [f.detach().requires_grad_() for f in (t2, w2a, w2b)]
@@ -89,12 +89,12 @@ def delta_weight(
     w2b: torch.Tensor,
     t1: torch.Tensor | None = None,
     t2: torch.Tensor | None = None,
-    scale: float = 1.0,
+    scaling: float = 1.0,
 ) -> torch.Tensor:
     """LoHa ΔW through the memory-lean autograd functions (flat `(out, in·k)` or CP `(out, in, *kernel)`)."""
     if t1 is None:
-        return HadaWeight.apply(w1a, w1b, w2a, w2b, scale)
-    return HadaWeightCP.apply(t1, w1a, w1b, t2, w2a, w2b, scale)
+        return HadaWeight.apply(w1a, w1b, w2a, w2b, scaling)
+    return HadaWeightCP.apply(t1, w1a, w1b, t2, w2a, w2b, scaling)
 
 
 def khatri_rao_rows(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """LoKr (Kronecker-product) math without module state, as LyCORIS, ComfyUI and A1111 rebuild it.
 
-`ΔW = scale · kron(w1, w2)` reshaped to the base weight, with `w1 (a, c)` and `w2 (b, d[, *kernel])`,
+`ΔW = scaling · kron(w1, w2)` reshaped to the base weight, with `w1 (a, c)` and `w2 (b, d[, *kernel])`,
 `out = a·b`, `in = c·d`. Each half is stored either full or factorized:
 
 * `w1`: `lokr_w1 (a, c)` or `lokr_w1_a (a, r)` @ `lokr_w1_b (r, c)`
@@ -54,26 +54,26 @@ def rebuild_w2(
 
 
 def kron_delta(
-    w1: torch.Tensor, w2: torch.Tensor, shape: tuple[int, ...] | torch.Size, scale: float = 1.0
+    w1: torch.Tensor, w2: torch.Tensor, shape: tuple[int, ...] | torch.Size, scaling: float = 1.0
 ) -> torch.Tensor:
-    """`scale · kron(w1, w2)` reshaped to `shape`; `w1` gets trailing unit dims to match a conv `w2`."""
+    """`scaling · kron(w1, w2)` reshaped to `shape`; `w1` gets trailing unit dims to match a conv `w2`."""
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     delta = torch.kron(w1, w2.contiguous())
-    if scale != 1.0:
-        delta = delta * scale
+    if scaling != 1.0:
+        delta = delta * scaling
     return delta.reshape(shape)
 
 
 def delta_weight(
-    tensors: dict[str, torch.Tensor], shape: tuple[int, ...] | torch.Size, scale: float = 1.0
+    tensors: dict[str, torch.Tensor], shape: tuple[int, ...] | torch.Size, scaling: float = 1.0
 ) -> torch.Tensor:
     """ΔW of a LoKr module from its tensors by their file names (`lokr_w1`, `lokr_w2_a`, ...)."""
     w1 = rebuild_w1(tensors.get("lokr_w1"), tensors.get("lokr_w1_a"), tensors.get("lokr_w1_b"))
     w2 = rebuild_w2(
         tensors.get("lokr_w2"), tensors.get("lokr_w2_a"), tensors.get("lokr_w2_b"), tensors.get("lokr_t2")
     )
-    return kron_delta(w1, w2, shape, scale)
+    return kron_delta(w1, w2, shape, scaling)
 
 
 def lokr_rank(tensors: dict[str, torch.Tensor]) -> int | None:
@@ -95,12 +95,17 @@ def lokr_rank(tensors: dict[str, torch.Tensor]) -> int | None:
     return ranks[-1] if ranks else None
 
 
-def lokr_scale(alpha: float | None, rank: int | None) -> float:
-    """`alpha / rank` when a half is factorized and alpha is present, else 1.0 (ComfyUI and A1111; LyCORIS
-    forces alpha = dim, i.e. scale 1, when both halves are full)."""
+def lokr_scaling(alpha: float | None, rank: int | None) -> float:
+    """The file scaling of a LoKr module (user multiplier 1): `alpha / rank` when a half is factorized and
+    alpha is present, else 1.0. ComfyUI (`comfy/weight_adapter/lokr.py`) and A1111
+    (`extensions-builtin/Lora/network_lokr.py`) use 1.0 without alpha or without a `_b` factor; LyCORIS forces
+    alpha = dim, i.e. scaling 1, when both halves are full (docs/kohya-format.md section 5)."""
     if alpha is None or rank is None:
         return 1.0
     return float(alpha) / rank
+
+
+lokr_scale = lokr_scaling  # the name before `scale` came to mean the user multiplier only
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

@@ -14,11 +14,11 @@ def delta_weight(
     up: torch.Tensor,
     mid: torch.Tensor | None = None,
     shape: torch.Size | tuple[int, ...] | None = None,
-    scale: float = 1.0,
+    scaling: float = 1.0,
 ) -> torch.Tensor:
-    """ΔW = scale · up @ down, reshaped to `shape` (the base weight's shape) when given.
+    """ΔW = scaling · up @ down, reshaped to `shape` (the base weight's shape) when given.
 
-    With a Tucker core: `ΔW[o, i, *k] = scale · Σ_ab up[o, a] · mid[a, b, *k] · down[b, i]`.
+    With a Tucker core: `ΔW[o, i, *k] = scaling · Σ_ab up[o, a] · mid[a, b, *k] · down[b, i]`.
     """
     up_2d = up.reshape(up.shape[0], -1)
     down_2d = down.reshape(down.shape[0], -1)
@@ -26,5 +26,5 @@ def delta_weight(
         delta = up_2d @ down_2d
     else:
         delta = torch.einsum("ab...,oa,bi->oi...", mid, up_2d, down_2d)
-    delta = delta * scale
+    delta = delta * scaling
     return delta if shape is None else delta.reshape(shape)

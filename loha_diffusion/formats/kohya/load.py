@@ -227,8 +227,8 @@ def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Mod
     ]
     if no_alpha:
         warnings.warn(
-            f"{len(no_alpha)} modules have no alpha (e.g. {no_alpha[0]}); using scale 1.0 as ComfyUI and A1111 do "
-            "(LyCORIS' own loader would crash on this file).",
+            f"{len(no_alpha)} modules have no alpha (e.g. {no_alpha[0]}); using scaling 1.0 (not 1/rank) as "
+            "ComfyUI and A1111 do (LyCORIS' own loader would crash on this file).",
             UserWarning,
             stacklevel=3,
         )

@@ -138,7 +138,7 @@ class KohyaModule:
     def to_adapter(self, spec: LayerSpec) -> Adapter:
         """An adapter of this module's kind holding its factors (fp32, CPU) for a layer of geometry `spec`.
 
-        Missing alpha gives scale 1 (alpha = rank), as ComfyUI and A1111 do.
+        Missing alpha gives scaling 1 (alpha = rank), as ComfyUI and A1111 do.
 
         Raises:
             KohyaFormatError: the module has `problems` (unknown kind, unknown tensors, ...).
