@@ -142,27 +142,7 @@ def load_kohya(
 
     names = kohya_name_map(unet, text_encoder, text_encoder_2)
     bad_modules = [f"{m.name}: {p}" for m in kfile.modules.values() for p in m.problems]
-    unmatched, shape_errors, duplicates = [], [], []
-    built: dict[tuple[str, str], Adapter] = {}
-    first_name: dict[tuple[str, str], str] = {}
-    for name, module in kfile.modules.items():
-        if module.problems:
-            continue
-        target = names.get(name)
-        if target is None:
-            unmatched.append(name)
-            continue
-        key = (target.component, target.path)
-        if key in built:
-            duplicates.append(f"{name} and {first_name[key]} both map to {target.component} {target.path}")
-            continue
-        try:
-            built[key] = module.to_adapter(LayerSpec.from_module(target.layer))
-            first_name[key] = name
-        except (ValueError, TypeError) as err:
-            shape_errors.append(
-                f"{name} -> {target.component}.{target.path} {tuple(target.layer.weight.shape)}: {err}"
-            )
+    built, unmatched, shape_errors, duplicates = _build_adapters(kfile, names)
 
     if kfile.problems or bad_modules or unmatched or shape_errors or duplicates:
         hints = _mismatch_hints(kfile, unet, text_encoder, text_encoder_2, unmatched)
@@ -186,6 +166,35 @@ def load_kohya(
         adapter.scale = float(scale)
         add_adapter(given[component], path_, adapter_name, adapter)
     return adapter_name
+
+
+def _build_adapters(
+    kfile: KohyaFile, names: dict[str, ModuleTarget]
+) -> tuple[dict[tuple[str, str], Adapter], list[str], list[str], list[str]]:
+    """An adapter for every usable module of `kfile`, keyed by (component, module path), and the modules that
+    could not be placed: names that match no layer, shapes that do not fit, two names for one layer."""
+    unmatched, shape_errors, duplicates = [], [], []
+    built: dict[tuple[str, str], Adapter] = {}
+    first_name: dict[tuple[str, str], str] = {}
+    for name, module in kfile.modules.items():
+        if module.problems:
+            continue
+        target = names.get(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        key = (target.component, target.path)
+        if key in built:
+            duplicates.append(f"{name} and {first_name[key]} both map to {target.component} {target.path}")
+            continue
+        try:
+            built[key] = module.to_adapter(LayerSpec.from_module(target.layer))
+            first_name[key] = name
+        except (ValueError, TypeError) as err:
+            shape_errors.append(
+                f"{name} -> {target.component}.{target.path} {tuple(target.layer.weight.shape)}: {err}"
+            )
+    return built, unmatched, shape_errors, duplicates
 
 
 def _mismatch_hints(
