@@ -111,7 +111,7 @@ def _base_model_hint(src: Path, pipeline: Path | None) -> Iterator[None]:
     """Add a hint about --pipeline to the format errors raised inside (a file and a base model that differ)."""
     try:
         yield
-    except _user_errors() as err:
+    except LoHaDiffusionError as err:
         if pipeline is None:
             hint = f"pass --pipeline DIR of the base model {src.name} was made for."
         else:
@@ -739,21 +739,6 @@ def _os_error_message(err: OSError) -> str:
     return f"{paths}: {err.strerror}"
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """`LoHaDiffusionError`, plus the format modules' own error classes while they do not derive from it yet
-    (`formats.kohya.KohyaFormatError` and `formats.peft.PeftFormatError` predate errors.py and are plain
-    `ValueError`s). Only modules already imported are looked at."""
-    found: list[type[Exception]] = [LoHaDiffusionError]
-    for module_name, class_name in (
-        ("loha_diffusion.formats.kohya", "KohyaFormatError"),
-        ("loha_diffusion.formats.peft", "PeftFormatError"),
-    ):
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if isinstance(cls, type) and not issubclass(cls, LoHaDiffusionError):
-            found.append(cls)
-    return tuple(found)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `loha-diffusion` console script; returns the exit status.
 
@@ -769,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`... | head`): stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except _user_errors() as err:  # evaluated when an exception gets here, after the imports it looks at
+    except LoHaDiffusionError as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
     except OSError as err:
         print(f"{PROG} {args.command}: error: {_os_error_message(err)}", file=sys.stderr)

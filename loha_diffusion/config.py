@@ -220,3 +220,19 @@ class LoRAConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
     kind: ClassVar[str] = "lora"
+
+
+# The adapter configs a kind name ("loha", "lora": `TrainConfig.algo`, presets) stands for.
+CONFIG_CLASSES: tuple[type[AdapterConfig], ...] = (LoHaConfig, LoRAConfig)
+
+
+def config_class(kind: str) -> type[AdapterConfig]:
+    """The config class of adapter kind `kind` ("loha" → `LoHaConfig`, "lora" → `LoRAConfig`).
+
+    Raises:
+        ConfigError: no config class has that kind; the message lists the kinds.
+    """
+    for cls in CONFIG_CLASSES:
+        if cls.kind == kind:
+            return cls
+    raise ConfigError(f"Unknown adapter kind {kind!r}; choose one of {[c.kind for c in CONFIG_CLASSES]}.")

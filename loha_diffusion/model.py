@@ -13,9 +13,9 @@ import copy
 import torch
 from torch import nn
 
-from .adapters import Adapter, LayerSpec, LoHaAdapter, LoRAAdapter
+from .adapters import Adapter, LayerSpec, adapter_class
 from .adapters.base import compare_tensors
-from .config import AdapterConfig, LoHaConfig, LoRAConfig
+from .config import CONFIG_CLASSES, AdapterConfig
 from .errors import (
     AdapterMergedError,
     AdapterNameError,
@@ -26,8 +26,6 @@ from .errors import (
 )
 from .layers import AdapterLayer, check_adapter_name
 from .targeting import find_target_modules
-
-ADAPTER_CLASSES: dict[str, type[Adapter]] = {"loha": LoHaAdapter, "lora": LoRAAdapter}
 
 
 class TrainableCopy(nn.Module):
@@ -102,7 +100,7 @@ def build_adapter(config: AdapterConfig, module: nn.Module, module_name: str) ->
     """The adapter `config` asks for on `module` (rank and alpha resolved through the patterns), with fp32
     factors (float64 for a float64 layer) on the layer's device."""
     base = module.base_layer if isinstance(module, AdapterLayer) else module
-    adapter_cls = ADAPTER_CLASSES[config.kind]
+    adapter_cls = adapter_class(config.kind)
     adapter = adapter_cls(
         LayerSpec.from_module(base),
         config.rank_for(module_name),
@@ -132,7 +130,7 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str = 
         AdapterNameError: the name breaks the rule of `layers.check_adapter_name` or is already used.
         ConfigError: `target_modules` / `modules_to_save` match nothing (the message names close module names).
     """
-    if not isinstance(config, (LoHaConfig, LoRAConfig)):
+    if not isinstance(config, CONFIG_CLASSES):
         raise TypeError(f"config must be a LoHaConfig or LoRAConfig, got {type(config).__name__}.")
     check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):

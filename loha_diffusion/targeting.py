@@ -10,7 +10,7 @@ from typing import Literal
 
 from torch import nn
 
-from .config import AdapterConfig, LoHaConfig, LoRAConfig
+from .config import AdapterConfig, LoHaConfig, LoRAConfig, config_class
 from .errors import ConfigError
 from .layers import AdapterLayer
 
@@ -211,7 +211,7 @@ def unet_preset(
                 alpha_pattern.setdefault(key, conv_alpha)
     elif conv_r is not None or conv_alpha is not None:
         raise ConfigError(f"conv_r/conv_alpha only apply to the 'full' preset (convs are not in {preset!r}).")
-    config_cls = _config_class(algo)
+    config_cls = config_class(algo)
     return config_cls(
         r=r,
         alpha=alpha,
@@ -227,11 +227,4 @@ def text_encoder_preset(
     *, algo: Literal["loha", "lora"] = "loha", r: int = 8, alpha: float = 8, **extra
 ) -> LoHaConfig | LoRAConfig:
     """A config for CLIP text encoders: attention `q/k/v/out_proj` and MLP `fc1/fc2` (Kohya's TE targets)."""
-    return _config_class(algo)(r=r, alpha=alpha, target_modules=list(TEXT_ENCODER_TARGETS), **extra)
-
-
-def _config_class(algo: str) -> type[LoHaConfig] | type[LoRAConfig]:
-    classes = {"loha": LoHaConfig, "lora": LoRAConfig}
-    if algo not in classes:
-        raise ConfigError(f"Unknown algo {algo!r}; choose 'loha' or 'lora'.")
-    return classes[algo]
+    return config_class(algo)(r=r, alpha=alpha, target_modules=list(TEXT_ENCODER_TARGETS), **extra)

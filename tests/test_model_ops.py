@@ -195,7 +195,11 @@ def test_state_dict_round_trip_and_errors():
     with pytest.raises(ValueError) as err:
         set_adapter_state_dict(other, bad)
     message = str(err.value)
-    assert "1 missing keys:\n    - block.proj.hada_w1_a" in message and "hada_w9" in message and "hada_t1" in message
+    assert (
+        "1 missing keys:\n    - block.proj.hada_w1_a" in message
+        and "hada_w9" in message
+        and "hada_t1" in message
+    )
     assert torch.equal(get_adapter_state_dict(other)["block.conv.hada_w1_b"], before)  # nothing changed
 
 

@@ -68,7 +68,7 @@ def test_sd15_attn_ff_plan(sd15_config_dir, data_dir):
     targets = {
         n: m for n, m in unet.named_modules() if n.endswith(ATTN_FF) and isinstance(m, (nn.Linear, nn.Conv2d))
     }
-    assert sum(p.modules for p in plan.parts) == len(targets) == 192  # kohya-format.md's table
+    assert sum(p.modules for p in plan.parts) == len(targets) == 192  # docs/kohya-format.md's table
     assert plan.trainable_parameters == reference_loha_params(targets, cfg.rank)
     assert all(p.effective_ranks == {64} for p in plan.parts)  # r^2 for r = 8
     # fp16 tensors + header: within a few percent of 2 bytes per parameter.

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import ConfigError
 from .base import Adapter, LayerSpec
 from .loha import LoHaAdapter
 from .lokr import LoKrAdapter
@@ -26,12 +27,12 @@ def adapter_class(kind: str) -> type[Adapter]:
     """The adapter class of `kind` ("loha", "lora", "lokr"; `AdapterConfig.kind`, `KohyaModule.kind`).
 
     Raises:
-        ValueError: an unknown kind; the message lists the known ones.
+        ConfigError: an unknown kind (a `ValueError`); the message lists the known ones.
     """
     for cls in ADAPTER_KINDS:
         if cls.kind == kind:
             return cls
-    raise ValueError(f"Unknown adapter kind {kind!r}; known kinds: {[cls.kind for cls in ADAPTER_KINDS]}.")
+    raise ConfigError(f"Unknown adapter kind {kind!r}; known kinds: {[cls.kind for cls in ADAPTER_KINDS]}.")
 
 
 def detect_kind(tensors: Mapping[str, torch.Tensor]) -> str | None:

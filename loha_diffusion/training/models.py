@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, LoHaConfig, LoRAConfig
+from ..config import AdapterConfig, config_class
 from ..errors import ConfigError
 from ..meta_models import meta_models
 from ..model import inject_adapter
@@ -143,7 +143,7 @@ def unet_adapter_config(cfg: TrainConfig) -> AdapterConfig:
                 "conv_rank/conv_alpha apply to preset = 'full'; with explicit target_modules set per-module "
                 "ranks with rank_pattern/alpha_pattern"
             )
-        config_cls = LoHaConfig if cfg.algo == "loha" else LoRAConfig
+        config_cls = config_class(cfg.algo)
         return config_cls(
             r=cfg.rank, alpha=cfg.effective_alpha, target_modules=list(cfg.target_modules), **common
         )
