@@ -7,8 +7,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from loha_diffusion.training.step import (
+    denoising_loss,
     derive_seed,
     diffusion_loss,
+    min_snr_weights,
     prediction_target,
     resolve_prediction_type,
     sample_noise_and_timesteps,
@@ -87,3 +89,41 @@ def test_diffusion_loss():
     assert diffusion_loss(pred, target).item() == pytest.approx(2.5)
     assert diffusion_loss(pred, target, torch.tensor([1.0, 0.5])).item() == pytest.approx(1.5)
     assert diffusion_loss(pred.half(), target.half()).dtype == torch.float32
+
+
+def test_min_snr_weights_exact_values():
+    """ε: min(SNR, γ)/SNR with its limit 1 at SNR 0; v: min(SNR, γ)/(SNR + 1), 0 at SNR 0 (γ = 5)."""
+    snr = torch.tensor([0.0, 1e-6, 5.0, 100.0])
+    assert torch.equal(min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 0.05]))
+    v = min_snr_weights(snr, 5.0, "v_prediction")
+    assert v[0] == 0.0
+    torch.testing.assert_close(v, torch.tensor([0.0, 1e-6 / (1 + 1e-6), 5 / 6, 5 / 101]), rtol=1e-6, atol=0)
+
+
+def test_min_snr_with_zero_terminal_snr_is_finite_everywhere(tiny_sd1_unet):
+    zero_snr = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        rescale_betas_zero_snr=True,
+    )
+    t = torch.arange(1000)
+    assert zero_snr.alphas_cumprod[-1] == 0  # SNR 0 at t = 999
+    eps = snr_loss_weights(zero_snr, t, 5.0, "epsilon")
+    v = snr_loss_weights(zero_snr, t, 5.0, "v_prediction")
+    assert torch.isfinite(eps).all() and torch.isfinite(v).all()
+    assert eps[-1] == 1.0 and v[-1] == 0.0
+    latents, noise, states = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    for prediction_type in ("epsilon", "v_prediction"):
+        loss = denoising_loss(
+            tiny_sd1_unet,
+            zero_snr,
+            latents,
+            states,
+            noise,
+            torch.tensor([999, 998]),
+            prediction_type=prediction_type,
+            snr_gamma=5.0,
+        )
+        assert torch.isfinite(loss)

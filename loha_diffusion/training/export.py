@@ -2,11 +2,13 @@
 `load_adapter` read) with sd-scripts' training metadata, and the PEFT-format folder.
 
 `training_metadata` is the one place the file's training facts (`ss_steps`, `ss_dataset_dirs`, ...) are
-built, from the config, the step schedule and the data summary.
+built, from the config, the step schedule and the data summary. Settings a resume changed are recorded with
+the value in force at the end (`ss_learning_rate`, ...) and their history in `loha_diffusion.resume_changes`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -23,6 +25,8 @@ from .data import DatasetSummary, ImageRecord, Schedule
 from .models import ADAPTER_NAME
 
 logger = logging.getLogger(__name__)
+
+RESUME_CHANGES_KEY = "loha_diffusion.resume_changes"  # file metadata: the settings resumes changed
 
 
 def base_model_version(unet: nn.Module, prediction_type: str) -> str | None:
@@ -57,13 +61,17 @@ def training_metadata(
     step: int,
     epoch: int,
     finished_at: float | None = None,
+    resume_changes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The training facts of a file written after optimizer step `step` in (1-based) `epoch`, as the short
-    `training_info` names of `formats.kohya.kohya_metadata` (None values are left out of the file).
+    `training_info` names of `formats.kohya.kohya_metadata` (None values are left out of the file), plus
+    `RESUME_CHANGES_KEY` when a resume changed settings.
 
     `prediction_type` is the one trained ("epsilon"/"v_prediction"), `mixed_precision` accelerate's ("no",
     "fp16", "bf16"); `started_at`/`finished_at` are Unix times in seconds (`finished_at` only for the final
-    file)."""
+    file). `cfg` holds the settings in force now: after a resume that changed `learning_rate`,
+    `ss_learning_rate` is the new value, and `resume_changes` (`[{"after_step", "setting", "old", "new"}]`,
+    e.g. learning_rate 0.001 until step 4, then 1e-05) is written as JSON under `RESUME_CHANGES_KEY`."""
     return {
         "max_train_steps": schedule.max_train_steps,
         "resolution": cfg.resolution,
@@ -87,6 +95,7 @@ def training_metadata(
         "epoch": epoch,
         "epochs": schedule.num_epochs,
         **({"training_finished_at": finished_at} if finished_at is not None else {}),
+        **({RESUME_CHANGES_KEY: json.dumps(resume_changes)} if resume_changes else {}),
     }
 
 
@@ -102,12 +111,14 @@ def export_kohya(
     """Write the trained adapter(s) as one Kohya/LyCORIS `.safetensors` in `save_precision`, with metadata.
 
     `unet`/`text_encoder` are the unwrapped models holding adapter `ADAPTER_NAME` (`text_encoder` None: not
-    trained); `training_info` comes from `training_metadata`. The file is written atomically; returns `path`.
+    trained); `training_info` comes from `training_metadata` (its `loha_diffusion.*` keys are written as they
+    are). The file is written atomically; returns `path`.
 
     Raises:
         KohyaFormatError: the adapters cannot be written as a Kohya file (the message lists every problem).
         OSError: the folder cannot be written.
     """
+    own = {k: v for k, v in training_info.items() if k.startswith("loha_diffusion.")}
     written = save_kohya(
         path,
         unet=unet,
@@ -116,7 +127,8 @@ def export_kohya(
         dtype=torch_dtype(cfg.save_precision),
         base_model_version=base_model_version(unet, prediction_type),
         output_name=cfg.name,
-        training_info=training_info,
+        training_info={k: v for k, v in training_info.items() if k not in own},
+        metadata=own,
     )
     logger.info("wrote %s", written)
     return written

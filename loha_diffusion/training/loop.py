@@ -24,12 +24,21 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, LoHaDiffusionError
+from ..utils import format_number
 from .checkpoint import (
+    SCHEDULE_SETTINGS,
+    ResumeCheck,
     TrainState,
+    check_resume,
+    dataset_fingerprint,
+    list_checkpoints,
     load_checkpoint,
+    make_run_record,
     register_adapter_state_hooks,
     resolve_resume_path,
+    run_settings,
     save_checkpoint,
+    show_value,
 )
 from .config import TrainConfig, load_config, report_user_error
 from .data import (
@@ -44,10 +53,12 @@ from .export import export_kohya, export_peft, training_metadata
 from .models import (
     Models,
     add_adapters,
+    apply_optimizer_settings,
     freeze_base_models,
     load_models,
     make_lr_scheduler,
     make_optimizer,
+    optimizer_settings,
     text_encoder_adapter_config,
     trainable_param_groups,
     unet_adapter_config,
@@ -91,7 +102,8 @@ class Run:
     and `text_encoder` are what `accelerator.prepare` returned (the training step calls them; the text
     encoder is prepared only when trained). `state.global_step` counts optimizer steps, `epoch` is the
     0-based epoch in progress, `micro_step`/`loss_sum` the micro-batches since the last optimizer step and
-    their summed losses."""
+    their summed losses. `fingerprint` identifies the data (`checkpoint.dataset_fingerprint`); `changes` are
+    the settings resumes changed (`{"after_step", "setting", "old", "new"}`), kept in checkpoints and files."""
 
     cfg: TrainConfig
     accelerator: Any
@@ -110,7 +122,10 @@ class Run:
     tracker: Tracker
     result: TrainResult
     validator: Validator | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    changes: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)  # Unix time, for the file metadata
+    last_finite_loss: tuple[int, float] | None = None  # (step, loss), for the message of a NaN loss
     epoch: int = 0
     micro_step: int = 0
     loss_sum: float = 0.0
@@ -134,7 +149,8 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     there (tests use it with `checkpointing_steps` to check that resume is exact).
 
     Raises:
-        ConfigError: a setting, the base model, the launcher or a checkpoint to resume cannot be used.
+        ConfigError: a setting, the base model, the launcher or a checkpoint to resume cannot be used (a
+            resume with other data or a setting it cannot change is refused before any model is loaded).
         DataError: the training data cannot be used (checked before any model is loaded).
         FloatingPointError: the loss became NaN or infinite (the message says what to change).
     """
@@ -146,7 +162,11 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     summary = scan_training_data(cfg)
     logger.info("data: %s", summary.describe())
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
-    resume_path = resolve_resume_path(cfg)
+    fingerprint = dataset_fingerprint(summary)
+    settings = run_settings(
+        cfg, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision
+    )
+    resume = check_resume(resolve_resume_path(cfg), settings, fingerprint)
 
     set_seed(cfg.seed)  # the same adapter initialisation in every process
     models = load_models(cfg)
@@ -160,9 +180,10 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     run = prepare(
         accelerator, cfg, summary, schedule, models, prediction_type, optimizer, lr_scheduler, loader, sampler
     )
+    run.fingerprint = fingerprint
     start_outputs(run)
-    if resume_path is not None:
-        load_checkpoint(accelerator, resume_path, run.state)
+    if resume is not None:
+        resume_run(run, resume)
     completed = train_epochs(run, stop_at_step)
     return finish(run, completed)
 
@@ -307,6 +328,49 @@ def start_outputs(run: Run) -> None:
         run.tracker.start(run.cfg)
 
 
+def current_settings(run: Run) -> dict[str, Any]:
+    """This run's `checkpoint.run_settings`, with the schedule's `max_train_steps`."""
+    return run_settings(
+        run.cfg,
+        num_processes=run.accelerator.num_processes,
+        mixed_precision=run.accelerator.mixed_precision,
+        max_train_steps=run.schedule.max_train_steps,
+    )
+
+
+def resume_run(run: Run, check: ResumeCheck) -> None:
+    """Restore the checkpoint `check_resume` accepted, then use this run's optimizer hyperparameters, LR
+    schedule and length from the resumed step on (`models.apply_optimizer_settings`): one log line per
+    changed setting, recorded in `run.changes` (later checkpoints, the file's metadata). The run keeps the
+    start time of the run that wrote the checkpoint.
+
+    Raises:
+        ConfigError: as `checkpoint.load_checkpoint` (another batch geometry, a missing adapter file).
+    """
+    load_checkpoint(run.accelerator, check.path, run.state)
+    restored = optimizer_settings(run.optimizer)
+    apply_optimizer_settings(run.cfg, run.optimizer, run.lr_scheduler)
+    step = run.state.global_step
+    changes = check.applied_changes(current_settings(run), restored)
+    run.changes = check.history + [
+        {"after_step": step, "setting": key, "old": old, "new": new} for key, old, new in changes
+    ]
+    if check.record is not None:
+        run.started_at = check.record.get("started_at", run.started_at)
+    for key, old, new in changes:
+        note = ""
+        if key in SCHEDULE_SETTINGS:
+            note = f"; the learning rate follows the schedule of a {run.schedule.max_train_steps}-step run"
+        logger.info(
+            "resume: %s %s → %s, applied from step %d on%s",
+            key,
+            show_value(old),
+            show_value(new),
+            step + 1,
+            note,
+        )
+
+
 def train_epochs(run: Run, stop_at_step: int | None) -> bool:
     """The loop, from the optimizer step after `run.state.global_step` (0, or where a resume left off) to
     `max_train_steps`; returns False if it stopped early at `stop_at_step`.
@@ -416,7 +480,8 @@ def end_step(run: Run) -> None:
     learning rates to the bar and the tracker.
 
     Raises:
-        FloatingPointError: the loss is NaN or infinite.
+        FloatingPointError: the loss is NaN or infinite (the message names the likely causes for this run's
+            settings, most likely first; see `nan_loss_message`).
     """
     state = run.state
     state.global_step += 1
@@ -430,10 +495,53 @@ def end_step(run: Run) -> None:
     run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
     run.tracker.log(logs, step=state.global_step)
     if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss} at step {state.global_step}; lower learning_rate or alpha, use bf16 "
-            "instead of fp16, or resume from an earlier checkpoint"
+        raise FloatingPointError(nan_loss_message(run, loss))
+    run.last_finite_loss = (state.global_step, loss)
+
+
+def nan_loss_message(run: Run, loss: float) -> str:
+    """What a non-finite `loss` at `run.state.global_step` likely comes from, for this run's settings, most
+    likely first: fp16 overflow (only under fp16); at the first step, before any update, the base model or
+    the data (not the learning rate); later, updates too large (learning rates, alpha, clipping off); then
+    the data. With the last finite loss and the checkpoint to resume from with the fix."""
+    cfg, step = run.cfg, run.state.global_step
+    causes = []
+    if run.accelerator.mixed_precision == "fp16":
+        causes.append(
+            "fp16 overflow in the fp16 base model or VAE: set mixed_precision = 'bf16' (if the GPU has it) or 'no'"
         )
+    if step == 1:
+        causes.append(
+            "not the learning rate (no update was made yet): the base model (non-finite weights, or one that "
+            "does not run in this precision) or the data"
+        )
+    else:
+        rates = f"learning_rate = {float(cfg.learning_rate)!r}"
+        if cfg.train_text_encoder:
+            rates += f", text_encoder_lr = {float(cfg.text_encoder_lr or cfg.learning_rate)!r}"
+        scaling = format_number(cfg.effective_alpha / cfg.rank)
+        clip = "; gradient clipping is off: set max_grad_norm = 1" if cfg.max_grad_norm == 0 else ""
+        causes.append(
+            f"updates too large: lower {rates}, or alpha = {format_number(cfg.effective_alpha)} (updates are "
+            f"scaled by alpha/rank = {scaling}){clip}"
+        )
+        causes.append("the data: an image or caption the VAE or text encoder turns into non-finite values")
+    last = run.last_finite_loss
+    lines = [
+        f"loss is {loss} at optimizer step {step}"
+        + (f" (last finite loss {last[1]:.4g} at step {last[0]})" if last else "")
+        + ". Likely causes, most likely first:"
+    ]
+    lines += [f"  {i}. {cause}" for i, cause in enumerate(causes, start=1)]
+    checkpoints = list_checkpoints(run.output_dir)
+    if checkpoints:
+        lines.append(
+            f"Fix it, then resume from {checkpoints[-1]} (a resume applies a new learning rate or "
+            "mixed_precision) or start again."
+        )
+    else:
+        lines.append("Fix it and start again.")
+    return "\n".join(lines)
 
 
 def after_step(run: Run) -> None:
@@ -442,7 +550,10 @@ def after_step(run: Run) -> None:
     `validation_steps` (not at the last step: `finish` validates the final file)."""
     cfg, step = run.cfg, run.state.global_step
     if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-        save_checkpoint(run.accelerator, run.output_dir, step, cfg.checkpoints_total_limit)
+        record = make_run_record(
+            current_settings(run), run.fingerprint, run.changes, step=step, started_at=run.started_at
+        )
+        save_checkpoint(run.accelerator, run.output_dir, step, cfg.checkpoints_total_limit, record)
     if not run.is_main:
         return
     step_file = None
@@ -473,6 +584,7 @@ def write_kohya(run: Run, path: Path, epoch: int, finished_at: float | None = No
         step=run.state.global_step,
         epoch=epoch,
         finished_at=finished_at,
+        resume_changes=run.changes,
     )
     text_encoder = run.models.text_encoder if run.cfg.train_text_encoder else None
     return export_kohya(

@@ -238,14 +238,22 @@ def enable_xformers(unet: nn.Module) -> None:
         ) from None
 
 
-def trainable_param_groups(cfg: TrainConfig, models: Models) -> list[dict]:
-    """Optimizer parameter groups: the UNet adapter at `learning_rate`, then (with `train_text_encoder`) the
-    text-encoder adapter at `text_encoder_lr` (default `learning_rate`). Each is `{"params": [...], "lr": float}`."""
-    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+def group_learning_rates(cfg: TrainConfig) -> list[float]:
+    """The base learning rate of each optimizer parameter group: `learning_rate` (UNet adapter), then with
+    `train_text_encoder` `text_encoder_lr` (default `learning_rate`)."""
     if cfg.train_text_encoder:
-        te_params = [p for p in models.text_encoder.parameters() if p.requires_grad]
-        groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
-    return groups
+        return [cfg.learning_rate, cfg.text_encoder_lr or cfg.learning_rate]
+    return [cfg.learning_rate]
+
+
+def trainable_param_groups(cfg: TrainConfig, models: Models) -> list[dict]:
+    """Optimizer parameter groups: the UNet adapter, then (with `train_text_encoder`) the text-encoder adapter,
+    at `group_learning_rates(cfg)`. Each is `{"params": [...], "lr": float}`."""
+    trained = [models.unet, models.text_encoder] if cfg.train_text_encoder else [models.unet]
+    return [
+        {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
+        for model, lr in zip(trained, group_learning_rates(cfg))
+    ]
 
 
 def make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -291,3 +299,47 @@ def make_lr_scheduler(
         num_cycles=cfg.lr_num_cycles,
         power=cfg.lr_power,
     )
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The hyperparameters an optimizer holds, under the config's names: `learning_rate` (the UNet group's
+    base rate, before the LR schedule), `text_encoder_lr` (when there is a second group), `adam_beta1`,
+    `adam_beta2`, `adam_epsilon`, `adam_weight_decay`. After a resume these are the checkpoint's values."""
+    groups = optimizer.param_groups
+    first = groups[0]
+    settings = {
+        "learning_rate": first.get("initial_lr", first["lr"]),
+        "adam_beta1": first["betas"][0],
+        "adam_beta2": first["betas"][1],
+        "adam_epsilon": first["eps"],
+        "adam_weight_decay": first["weight_decay"],
+    }
+    if len(groups) > 1:
+        settings["text_encoder_lr"] = groups[1].get("initial_lr", groups[1]["lr"])
+    return settings
+
+
+def apply_optimizer_settings(cfg: TrainConfig, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> None:
+    """Make a restored optimizer and LR scheduler use `cfg`'s hyperparameters from their current step on.
+
+    `accelerator.load_state` brings back the checkpoint's param groups (learning rate, betas, epsilon, weight
+    decay) and the scheduler's `base_lrs`, whatever the resumed run was given. This sets the base learning
+    rates (`group_learning_rates`) as the scheduler's `base_lrs` and the groups' `initial_lr`, the other
+    hyperparameters in every group, and each group's current `lr` to base × the schedule's factor at the
+    scheduler's step: the value a run started with `cfg` would have there (the schedule itself is built from
+    `cfg` by `make_lr_scheduler`). With unchanged settings every value is recomputed to the same number.
+    `lr_scheduler` is a diffusers `LambdaLR`, possibly wrapped by accelerate (`.scheduler`).
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    base_lrs = group_learning_rates(cfg)
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(optimizer.param_groups, base_lrs, lrs):
+        group.update(
+            lr=lr,
+            initial_lr=base,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.adam_weight_decay,
+        )
+    scheduler.base_lrs = list(base_lrs)
+    scheduler._last_lr = list(lrs)  # what get_last_lr() reports until the next step

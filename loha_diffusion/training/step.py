@@ -113,18 +113,37 @@ def prediction_target(
 def snr_loss_weights(
     scheduler, timesteps: torch.Tensor, snr_gamma: float | None, prediction_type: str
 ) -> torch.Tensor | None:
-    """Per-sample min-SNR-γ weights (Hang et al. 2023) as in diffusers' scripts; None when `snr_gamma` is unset.
+    """Per-sample min-SNR-γ weights (Hang et al. 2023) at `timesteps` `(B,)`: float32 `(B,)` on their device
+    (SNR from diffusers' `compute_snr`), or None when `snr_gamma` is unset. See `min_snr_weights`.
 
-    Epsilon: `min(SNR, γ) / SNR`; v-prediction: `min(SNR, γ) / (SNR + 1)`. `timesteps` `(B,)` gives float32
-    weights `(B,)` on its device (diffusers `compute_snr`).
+    Raises:
+        ValueError: `prediction_type` is not one of `PREDICTION_TYPES`.
     """
     if snr_gamma is None:
         return None
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=snr_gamma)
+    return min_snr_weights(compute_snr(scheduler, timesteps), snr_gamma, prediction_type)
+
+
+def min_snr_weights(snr: torch.Tensor, snr_gamma: float, prediction_type: str) -> torch.Tensor:
+    """The min-SNR-γ loss weight of each SNR value (float32, same shape), finite for every SNR >= 0.
+
+    The weight turns the loss of the predicted target into `min(SNR, γ)` times the x0 loss, as diffusers'
+    `train_text_to_image_lora.py` does:
+
+    * epsilon: `min(SNR, γ) / SNR`, computed as `min(1, γ / SNR)` (the same value for SNR > 0). At SNR = 0 (the
+      last timestep of a zero-terminal-SNR schedule, `rescale_betas_zero_snr=True`) the quotient is 0/0, and
+      its limit is 1: `γ / 0 = inf` gives exactly that instead of NaN.
+    * v-prediction: `min(SNR, γ) / (SNR + 1)`, which is 0 at SNR = 0.
+
+    Raises:
+        ValueError: `prediction_type` is not one of `PREDICTION_TYPES`.
+    """
+    snr = snr.float()
     if prediction_type == "epsilon":
-        return weights / snr
-    return weights / (snr + 1)
+        return torch.clamp(torch.full_like(snr, snr_gamma) / snr, max=1.0)  # a true division, as diffusers
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr, max=snr_gamma) / (snr + 1)
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
 
 
 def diffusion_loss(
