@@ -61,6 +61,11 @@ class AdapterMergedError(LoHaDiffusionError, RuntimeError):
     Also a `RuntimeError` (what it was before)."""
 
 
+class TrainingDivergedError(LoHaDiffusionError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the likely causes for this
+    run's settings. Also a `FloatingPointError` (what it was before)."""
+
+
 class AdapterFileNotFoundError(LoHaDiffusionError, FileNotFoundError):
     """An adapter file or folder that does not exist. Also a `FileNotFoundError`."""
 

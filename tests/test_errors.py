@@ -39,6 +39,7 @@ ERRORS = [
     errors.AdapterStateError,
     errors.AdapterMergedError,
     errors.AdapterFileNotFoundError,
+    errors.TrainingDivergedError,
 ]
 
 
@@ -52,6 +53,7 @@ def test_old_exception_types_still_catch():
     assert issubclass(errors.AdapterNotFoundError, KeyError)
     assert issubclass(errors.AdapterMergedError, RuntimeError)
     assert issubclass(errors.AdapterFileNotFoundError, FileNotFoundError)
+    assert issubclass(errors.TrainingDivergedError, FloatingPointError)
     # ... and the message reads as a sentence, not KeyError's quoted repr.
     assert str(errors.AdapterNotFoundError("No adapter named 'x'.")) == "No adapter named 'x'."
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, LoHaDiffusionError
+from ..errors import ConfigError, LoHaDiffusionError, TrainingDivergedError
 from ..utils import format_number
 from .checkpoint import (
     SCHEDULE_SETTINGS,
@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         ConfigError: a setting, the base model, the launcher or a checkpoint to resume cannot be used (a
             resume with other data or a setting it cannot change is refused before any model is loaded).
         DataError: the training data cannot be used (checked before any model is loaded).
-        FloatingPointError: the loss became NaN or infinite (the message says what to change).
+        TrainingDivergedError: the loss became NaN or infinite (the message says what to change).
     """
     from accelerate.utils import set_seed
 
@@ -378,7 +378,7 @@ def train_epochs(run: Run, stop_at_step: int | None) -> bool:
     A resumed epoch skips the batches already trained (the sample order is a function of seed and epoch).
 
     Raises:
-        FloatingPointError: the loss became NaN or infinite (see `end_step`).
+        TrainingDivergedError: the loss became NaN or infinite (see `end_step`).
     """
     state, schedule = run.state, run.schedule
     first_epoch = state.global_step // schedule.update_steps_per_epoch
@@ -480,7 +480,7 @@ def end_step(run: Run) -> None:
     learning rates to the bar and the tracker.
 
     Raises:
-        FloatingPointError: the loss is NaN or infinite (the message names the likely causes for this run's
+        TrainingDivergedError: the loss is NaN or infinite (the message names the likely causes for this run's
             settings, most likely first; see `nan_loss_message`).
     """
     state = run.state
@@ -495,7 +495,7 @@ def end_step(run: Run) -> None:
     run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
     run.tracker.log(logs, step=state.global_step)
     if not math.isfinite(loss):
-        raise FloatingPointError(nan_loss_message(run, loss))
+        raise TrainingDivergedError(nan_loss_message(run, loss))
     run.last_finite_loss = (state.global_step, loss)
 
 
