@@ -111,7 +111,21 @@ class TrainConfig:
         "what to do with an image without caption: stop, skip it with a warning, or use the kohya folder's concept",
         choices=("error", "skip", "folder_name"),
     )
-    on_bad_image: str = _f("error", "what to do with an unreadable image", choices=("error", "skip"))
+    on_bad_image: str = _f(
+        "error",
+        "what to do with an unreadable image or caption file (truncated, corrupt, too large, not UTF-8): "
+        "stop before training, or skip it with a warning",
+        choices=("error", "skip"),
+    )
+    background_color: str = _f(
+        "white",
+        "colour transparent pixels are composited onto: a name (white, black, gray, ...), '#rrggbb' or 'r,g,b'",
+    )
+    max_image_pixels: int | None = _f(
+        None,
+        "largest image accepted, width x height in pixels (default: Pillow's decompression-bomb limit, "
+        "89,478,485); raise it to train on larger images",
+    )
     dataloader_num_workers: int = _f(0, "data loading worker processes")
     # --- optimisation ---
     train_batch_size: int = _f(1, "batch size per device")
@@ -210,6 +224,7 @@ class TrainConfig:
             "checkpoints_total_limit",
             "validation_steps",
             "validation_resolution",
+            "max_image_pixels",
         ):
             _check(name, getattr(self, name), lambda v: v is None or v >= 1, ">= 1 (or unset)")
         for name in (
@@ -248,6 +263,7 @@ class TrainConfig:
             raise ConfigError(
                 f"caption_extension = {self.caption_extension!r} must start with a dot, e.g. '.txt'"
             )
+        parse_color(self.background_color, "background_color")
         if self.max_train_steps is None and self.num_train_epochs is None:
             raise ConfigError("set max_train_steps or num_train_epochs (how long to train)")
         if self.resume_from_checkpoint == "":
@@ -303,6 +319,32 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def parse_color(text: str, key: str = "background_color") -> tuple[int, int, int]:
+    """An opaque colour as (r, g, b), each 0-255, from a name Pillow knows (`white`, `black`, `gray`, CSS
+    names), `#rgb`, `#rrggbb` or `r,g,b` (decimal).
+
+    Raises:
+        ConfigError: `text` is none of these; the message names `key` and the accepted forms.
+    """
+    from PIL import ImageColor  # only when validating: `--help` needs no Pillow
+
+    value = text.strip()
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        rgb = tuple(int(p) for p in parts)
+        if all(0 <= v <= 255 for v in rgb):
+            return rgb
+    elif len(parts) == 1 and not (value.startswith("#") and len(value) in (5, 9)):  # no alpha: opaque only
+        try:
+            return ImageColor.getcolor(value, "RGB")
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"{key} = {text!r} is not a colour: use a name (white, black, gray, ...), '#rrggbb' or 'r,g,b' "
+        "with values 0-255"
+    )
 
 
 def _check(name: str, value: Any, ok, what: str) -> None:

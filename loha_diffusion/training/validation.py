@@ -164,7 +164,7 @@ def fixed_denoising_loss(
     triples = []
     for i, record in enumerate(records):
         pixels = transform_image(
-            load_image(record.path),
+            load_image(record.path, record.reader),
             resolution,
             center_crop=True,
             random_flip=False,
