@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import DataError  # noqa: F401  (its old home; kept importable)
 from .config import TrainConfig
 from .images import DEFAULT_READER, IMAGE_EXTENSIONS, ImageFacts, ImageReader
 from .scan import (

@@ -56,6 +56,7 @@ from .models import (
     apply_optimizer_settings,
     freeze_base_models,
     load_models,
+    load_tokenizer,
     make_lr_scheduler,
     make_optimizer,
     optimizer_settings,
@@ -159,8 +160,9 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     # Data and settings first: their errors should stop the run before minutes of model loading.
-    summary = scan_training_data(cfg)
-    logger.info("data: %s", summary.describe())
+    # Only the tokenizer (small files, no weights), so the scan can count caption tokens.
+    summary = scan_training_data(cfg, load_tokenizer(cfg))
+    logger.info("data: %s", "\n  ".join([summary.describe(), *summary.facts()]))
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
     fingerprint = dataset_fingerprint(summary)
     settings = run_settings(

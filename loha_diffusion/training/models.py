@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 ADAPTER_NAME = "default"  # the trained adapter's name on the UNet and text encoder (checkpoints, exports)
 
+MAX_SANE_TOKENS = 100_000  # a text encoder's token limit above this is transformers' "no limit" placeholder
+
 
 def load_with_hint(cfg: TrainConfig, loader: Callable[..., T]) -> T:
     """Call `loader(revision=cfg.revision)` for the base model `cfg.pretrained_model_name_or_path`.
@@ -67,6 +69,29 @@ class Models:
     noise_scheduler: Any
 
 
+def load_tokenizer(cfg: TrainConfig) -> Any:
+    """The base model's `CLIPTokenizer` alone (`tokenizer/` of `cfg.pretrained_model_name_or_path`): small
+    files, no weights, so the data scan can count caption tokens before any model is loaded.
+
+    Raises:
+        ConfigError: the tokenizer cannot be loaded (see `models.load_with_hint`), or what loads is empty
+            (transformers builds one from a missing `tokenizer/` folder).
+    """
+    from transformers import CLIPTokenizer
+
+    path = cfg.pretrained_model_name_or_path
+    tokenizer = load_with_hint(
+        cfg, lambda **kw: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+    )
+    # transformers 5 builds an empty tokenizer (2 tokens, no length limit) from a missing folder.
+    if len(tokenizer) <= 2 or tokenizer.model_max_length > MAX_SANE_TOKENS:
+        raise ConfigError(
+            f"{path} has no usable tokenizer (tokenizer/ is missing or incomplete: {len(tokenizer)} tokens, "
+            f"limit {tokenizer.model_max_length}); a diffusers folder has tokenizer/vocab.json and merges.txt"
+        )
+    return tokenizer
+
+
 def load_models(cfg: TrainConfig) -> Models:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler from a diffusers folder or hub id.
 
@@ -77,14 +102,12 @@ def load_models(cfg: TrainConfig) -> Models:
             has added embeddings), which this trainer does not train.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     path = cfg.pretrained_model_name_or_path
     weights = {"variant": cfg.variant}
     models = Models(
-        tokenizer=load_with_hint(
-            cfg, lambda **kw: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-        ),
+        tokenizer=load_tokenizer(cfg),
         text_encoder=load_with_hint(
             cfg, lambda **kw: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights, **kw)
         ),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import nn
 
@@ -22,14 +21,13 @@ from .data import Schedule, compute_schedule, scan_training_data
 from .models import (
     ADAPTER_NAME,
     load_meta_models,
-    load_with_hint,
+    load_tokenizer,
     text_encoder_adapter_config,
     unet_adapter_config,
 )
 
 HEADER_BYTES_PER_TENSOR = 160  # safetensors header entry: name, dtype, shape, offsets
 FILE_OVERHEAD_BYTES = 8 + 2048  # header length field and the metadata
-MAX_SANE_TOKENS = 100_000  # a text encoder's token limit above this is transformers' "no limit" placeholder
 
 
 @dataclass
@@ -180,29 +178,6 @@ def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> s
     for warning in plan.warnings:
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines)
-
-
-def load_tokenizer(cfg: TrainConfig) -> Any:
-    """The base model's `CLIPTokenizer` alone (`tokenizer/` of `cfg.pretrained_model_name_or_path`): small
-    files, no weights, so the data scan can count caption tokens before any model is loaded.
-
-    Raises:
-        ConfigError: the tokenizer cannot be loaded (see `models.load_with_hint`), or what loads is empty
-            (transformers builds one from a missing `tokenizer/` folder).
-    """
-    from transformers import CLIPTokenizer
-
-    path = cfg.pretrained_model_name_or_path
-    tokenizer = load_with_hint(
-        cfg, lambda **kw: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
-    )
-    # transformers 5 builds an empty tokenizer (2 tokens, no length limit) from a missing folder.
-    if len(tokenizer) <= 2 or tokenizer.model_max_length > MAX_SANE_TOKENS:
-        raise ConfigError(
-            f"{path} has no usable tokenizer (tokenizer/ is missing or incomplete: {len(tokenizer)} tokens, "
-            f"limit {tokenizer.model_max_length}); a diffusers folder has tokenizer/vocab.json and merges.txt"
-        )
-    return tokenizer
 
 
 def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
