@@ -161,7 +161,8 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     setup_logging(accelerator.is_main_process)
     # Data and settings first: their errors should stop the run before minutes of model loading.
     # Only the tokenizer (small files, no weights), so the scan can count caption tokens.
-    summary = scan_training_data(cfg, load_tokenizer(cfg))
+    tokenizer = load_tokenizer(cfg)
+    summary = scan_training_data(cfg, tokenizer)
     logger.info("data: %s", "\n  ".join([summary.describe(), *summary.facts()]))
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
     fingerprint = dataset_fingerprint(summary)
@@ -171,7 +172,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     resume = check_resume(resolve_resume_path(cfg), settings, fingerprint)
 
     set_seed(cfg.seed)  # the same adapter initialisation in every process
-    models = load_models(cfg)
+    models = load_models(cfg, tokenizer)
     prediction_type = resolve_prediction_type(models.noise_scheduler, cfg.prediction_type)
     freeze_base_models(models, accelerator.device, weight_dtype(accelerator.mixed_precision))
     add_adapters(models, cfg, unet_config, te_config)

@@ -92,8 +92,11 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     return tokenizer
 
 
-def load_models(cfg: TrainConfig) -> Models:
+def load_models(cfg: TrainConfig, tokenizer: Any | None = None) -> Models:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler from a diffusers folder or hub id.
+
+    `tokenizer`: one `load_tokenizer(cfg)` already gave (the run loads it first for the data scan); None
+    loads it here.
 
     Weights come in the dtype they are stored in (`cfg.variant` picks e.g. the fp16 files), on the CPU.
 
@@ -107,7 +110,7 @@ def load_models(cfg: TrainConfig) -> Models:
     path = cfg.pretrained_model_name_or_path
     weights = {"variant": cfg.variant}
     models = Models(
-        tokenizer=load_tokenizer(cfg),
+        tokenizer=tokenizer if tokenizer is not None else load_tokenizer(cfg),
         text_encoder=load_with_hint(
             cfg, lambda **kw: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights, **kw)
         ),
