@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, format_problems
 
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -188,9 +188,7 @@ def read_metadata(root: Path, image_column: str, caption_column: str) -> list[Me
         else:
             rows.append(MetadataRow(found[0], found[1], n))
     if problems:
-        listed = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(f"{metadata} has {len(problems)} bad lines:\n  {listed}{more}")
+        raise DataError(format_problems(f"{metadata} cannot be used:", [("bad lines", problems)], shown=10))
     return rows
 
 
