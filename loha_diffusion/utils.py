@@ -30,12 +30,6 @@ def torch_dtype(precision: str) -> torch.dtype:
     return getattr(torch, PRECISIONS[precision])
 
 
-def precision_name(dtype: torch.dtype) -> str:
-    """The inverse of `torch_dtype`: "fp32", "fp16" or "bf16" (else the dtype's own name, e.g. "float64")."""
-    name = str(dtype).removeprefix("torch.")
-    return next((short for short, full in PRECISIONS.items() if full == name), name)
-
-
 def most_common(values: Iterable[T]) -> T | None:
     """The most frequent value (the first seen among equals), or None for no values."""
     counts = Counter(values)
