@@ -97,3 +97,21 @@ def format_problems(
         if len(items) > shown:
             lines.append(f"    ... and {len(items) - shown} more")
     return "\n".join(lines)
+
+
+class OutputWriteError(LoHaDiffusionError, OSError):
+    """A file could not be written: no space left on the device, or no permission. The message names the file,
+    the space needed and free (or the folder) and the fix; the previous file is unchanged. Also an `OSError`
+    (with the original `errno`)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NonFiniteError(LoHaDiffusionError, FloatingPointError):
+    """Tensors or values that are NaN or infinite, or that overflow the dtype they are to be written in; the
+    message names the modules and the fix. Also a `FloatingPointError`."""

@@ -4,7 +4,6 @@ file) and `write_kohya_file`, the one atomic writer of such files."""
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 
 from ...adapters import Adapter, LayerSpec
 from ...errors import AdapterNotFoundError, KohyaFormatError, format_problems
+from ...files import atomic_write_bytes
 from ...layers import AdapterLayer, check_adapter_name
 from .. import naming
 from .load import _unwrap
@@ -281,11 +281,12 @@ def write_kohya_file(
 
     `state_dict` holds contiguous CPU tensors under Kohya keys; `metadata` string values. With `model_hash`,
     `sshs_model_hash` is set to A1111's hash of the tensor bytes (a stale `sshs_legacy_hash`, which depends on
-    the old bytes, is dropped). The bytes go to a temporary file in the same folder that is then renamed, so an
-    interrupted write never leaves a truncated adapter. Returns `path`.
+    the old bytes, is dropped). The bytes are written atomically (`files.atomic_write_bytes`): an interrupted
+    write never leaves a truncated adapter, and the file gets a normal file's mode. Returns `path`.
 
     Raises:
-        OSError: the folder cannot be created or written.
+        OutputWriteError: no space left, or no permission (the previous file is unchanged).
+        OSError: another error of the filesystem.
     """
     path = Path(path)
     meta = dict(metadata)
@@ -294,10 +295,4 @@ def write_kohya_file(
         # The data section after the header does not depend on the metadata, so hash it first.
         meta["sshs_model_hash"] = addnet_hash(safetensors_save(dict(state_dict)))
     data = safetensors_save(dict(state_dict), metadata=meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False
-    ) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
-    return path
+    return atomic_write_bytes(path, data)
