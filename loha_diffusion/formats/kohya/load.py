@@ -3,11 +3,14 @@ Kohya module name a file may use for a layer of the given models (the names them
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ...adapters import Adapter, LayerSpec
@@ -102,6 +105,7 @@ def load_kohya(
     text_encoder_2: nn.Module | None = None,
     adapter_name: str = "default",
     scale: float = 1.0,
+    allow_non_finite: bool = False,
 ) -> str:
     """Load a Kohya/LyCORIS LoHa, LoRA/LoCon or LoKr file onto diffusers/transformers models as adapter
     `adapter_name` (user scale `scale`, a unitless multiplier) and return the adapter name.
@@ -115,14 +119,18 @@ def load_kohya(
         path: a `.safetensors` file, or a `KohyaFile` already read (`read_kohya`, `parse_kohya_state_dict`).
         unet, text_encoder, text_encoder_2: the models (or `LoHaModel`s) to load onto; at least one.
         adapter_name: the new adapter's name (`layers.check_adapter_name`), unused on the given models.
-        scale: the user multiplier of the new adapter.
+        scale: the user multiplier of the new adapter (a finite number).
+        allow_non_finite: load modules with NaN/Inf factors, an alpha that is NaN, infinite, negative or beyond
+            float16's range, or a delta beyond the range of its layer's dtype (refused by default: ComfyUI and
+            A1111 would produce NaN/black images from them).
 
     Raises:
         AdapterNameError: `adapter_name` breaks the name rule or is already used on a given model.
         ValueError: no model is given.
         AdapterFileNotFoundError: no file at `path` (a `FileNotFoundError`).
         KohyaFormatError: an unreadable file, or keys that map to no module, unusable modules, shapes that do
-            not fit, modules given twice: one message lists them all, with hints.
+            not fit, modules given twice, non-finite values or overflowing deltas (see `allow_non_finite`): one
+            message names the file and lists them all, with hints.
     """
     check_adapter_name(adapter_name)
     unet, text_encoder, text_encoder_2 = _unwrap(unet), _unwrap(text_encoder), _unwrap(text_encoder_2)
@@ -140,12 +148,21 @@ def load_kohya(
     if not kfile.modules and not kfile.problems:
         raise KohyaFormatError(f"{source} holds no adapter modules (no '<module>.<tensor>' keys).")
 
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}.")
+
     names = kohya_name_map(unet, text_encoder, text_encoder_2)
     bad_modules = [f"{m.name}: {p}" for m in kfile.modules.values() for p in m.problems]
     built, unmatched, shape_errors, duplicates = _build_adapters(kfile, names)
+    bad_values = [] if allow_non_finite else kfile.value_problems + _overflowing(built, given, scale)
 
-    if kfile.problems or bad_modules or unmatched or shape_errors or duplicates:
+    if kfile.problems or bad_modules or unmatched or shape_errors or duplicates or bad_values:
         hints = _mismatch_hints(kfile, unet, text_encoder, text_encoder_2, unmatched)
+        if bad_values:
+            hints.append(
+                "the file holds values that give NaN/Inf outputs (a diverged or corrupted training); use an "
+                "earlier checkpoint, or pass allow_non_finite=True to load it anyway"
+            )
         raise KohyaFormatError(
             format_problems(
                 f"Cannot load {source} ({len(kfile.modules)} modules) onto "
@@ -156,6 +173,7 @@ def load_kohya(
                     ("keys that match no module of the given models", unmatched),
                     ("tensors whose shapes do not fit their module", shape_errors),
                     ("modules given twice", duplicates),
+                    ("modules with NaN/Inf values, bad alphas or overflowing deltas", bad_values),
                 ],
                 hints,
             )
@@ -195,6 +213,47 @@ def _build_adapters(
                 f"{name} -> {target.component}.{target.path} {tuple(target.layer.weight.shape)}: {err}"
             )
     return built, unmatched, shape_errors, duplicates
+
+
+def delta_bound(adapter: Adapter) -> float:
+    """An upper bound of max|ΔW| of `adapter` (its `scaling` included) without building ΔW: every entry of a
+    product of factors is at most the product of their largest magnitudes times the rank once per factor (each
+    inner sum of every kind runs over a rank). Exact enough to clear ordinary files; inf when a factor is."""
+    bound = abs(adapter.scaling)
+    for tensor in adapter.state_tensors().values():
+        bound *= float(tensor.detach().abs().max()) * max(adapter.r, 1)
+    return bound
+
+
+def delta_peak(adapter: Adapter, limit: float) -> float | None:
+    """max|ΔW| of `adapter` when it exceeds `limit` (or ΔW is not finite: inf), else None. ΔW is only built
+    when the cheap `delta_bound` exceeds `limit`."""
+    if delta_bound(adapter) <= limit:
+        return None
+    with torch.no_grad():
+        delta = adapter.delta_weight().double()
+    peak = float(delta.abs().max()) if bool(torch.isfinite(delta).all()) else math.inf
+    return peak if peak > limit else None
+
+
+def _overflowing(
+    built: dict[tuple[str, str], Adapter], models: dict[str, nn.Module], scale: float
+) -> list[str]:
+    """Adapters whose ΔW (user `scale` applied) is not finite or exceeds the largest value of their layer's
+    dtype (float16: 65,504): merged or applied, that layer would output Inf."""
+    found = []
+    for (component, path), adapter in built.items():
+        weight = models[component].get_submodule(path)
+        weight = getattr(weight, "base_layer", weight).weight
+        limit = torch.finfo(weight.dtype).max if weight.dtype.is_floating_point else torch.finfo().max
+        peak = delta_peak(adapter, limit / max(abs(scale), 1e-30))
+        if peak is not None:
+            dtype = str(weight.dtype).removeprefix("torch.")
+            found.append(
+                f"{component}.{path}: the delta reaches {peak * abs(scale):.3g}, beyond {dtype}'s range "
+                f"({limit:.6g}) at scale {scale:g}"
+            )
+    return found
 
 
 def _mismatch_hints(
@@ -241,7 +300,7 @@ def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Mod
             UserWarning,
             stacklevel=3,
         )
-    zero_alpha = [n for n, m in kfile.modules.items() if m.alpha == 0]
+    zero_alpha = [n for n, m in kfile.modules.items() if m.alpha == 0 and m.scaling == 0]
     if zero_alpha:
         warnings.warn(
             f"{len(zero_alpha)} modules have alpha 0 (e.g. {zero_alpha[0]}): their delta is zero here and in "
@@ -249,6 +308,7 @@ def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Mod
             UserWarning,
             stacklevel=3,
         )
+    _warn_full_lokr_alpha(kfile)
     raw_te = [n for n in kfile.modules if names[n].style == "te_raw"]
     if raw_te:
         warnings.warn(
@@ -280,3 +340,53 @@ def _warn_on_load(kfile: KohyaFile, names: dict[str, ModuleTarget], unet: nn.Mod
                 UserWarning,
                 stacklevel=3,
             )
+
+
+def _network_dims(metadata: dict[str, str]) -> set[float]:
+    """The network dims a trainer recorded (`ss_network_dim`, and `conv_dim` in `ss_network_args`)."""
+    dims = set()
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        args = {}
+    values = [metadata.get("ss_network_dim"), args.get("conv_dim") if isinstance(args, dict) else None]
+    for value in values:
+        try:
+            dims.add(float(value))
+        except (TypeError, ValueError):
+            pass
+    return dims
+
+
+def _warn_full_lokr_alpha(kfile: KohyaFile) -> None:
+    """One warning per file for LoKr modules whose halves are both full (no `lokr_w1_a/_b`, `lokr_w2_a/_b`)
+    and whose alpha differs from the network dims in the metadata (`ss_network_dim`, `conv_dim`): LyCORIS
+    (`lokr.py`: alpha = dim for full halves), ComfyUI (`weight_adapter/lokr.py`) and A1111 (`network_lokr.py`)
+    ignore such an alpha and apply scaling 1, and so does loha_diffusion; a trainer that meant alpha / dim gives
+    a delta dim / alpha times stronger than intended. Without dims in the metadata nothing tells what the
+    trainer meant (LyCORIS' full-matrix files store alpha = dim), so nothing is said."""
+    dims = _network_dims(kfile.metadata)
+    ignored = [
+        m
+        for m in kfile.modules.values()
+        if m.kind == "lokr"
+        and not m.problems
+        and m.alpha is not None
+        and m.rank is None
+        and m.alpha not in dims
+    ]
+    if not dims or not ignored:
+        return
+    alphas = ", ".join(f"{a:g}" for a in sorted({m.alpha for m in ignored}))
+    shown = ", ".join(m.name for m in ignored[:5]) + (
+        f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+    )
+    file = f" of {kfile.path}" if kfile.path is not None else ""
+    warnings.warn(
+        f"{len(ignored)} LoKr module(s){file} have both halves full and alpha {alphas}, not the network dim "
+        f"({', '.join(f'{d:g}' for d in sorted(dims))}): {shown}. The alpha is ignored and scaling 1.0 applied, "
+        "as LyCORIS, ComfyUI and A1111 do; if the trainer meant alpha / dim, the delta is dim / alpha times "
+        "stronger than intended: lower the adapter's scale accordingly.",
+        UserWarning,
+        stacklevel=4,
+    )

@@ -10,6 +10,7 @@ Which tensors make which kind, and how each kind is rebuilt, is declared by the 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -31,7 +32,7 @@ from ...adapters import (
     detect_kind,
     kind_titles,
 )
-from ...errors import AdapterFileNotFoundError, KohyaFormatError
+from ...errors import AdapterFileNotFoundError, KohyaFormatError, LoHaDiffusionError
 from .. import naming
 
 # The Kohya tensor names of each kind, as the adapter classes declare them (kept for callers of the old module).
@@ -53,13 +54,17 @@ class KohyaModule:
     dtype, CPU) and alpha.
 
     `kind` is an adapter kind ("loha", "lora", "lokr": `adapters.adapter_class`) or "unknown". `problems` lists what
-    makes the module unusable (unknown tensors, DoRA, a malformed alpha, ...)."""
+    makes the module unusable (unknown tensors, DoRA, a malformed alpha, ...), `value_problems` the values that
+    would make its delta NaN/Inf (non-finite factors; an alpha that is NaN, infinite, negative or too large)."""
 
     name: str
     kind: str
     tensors: dict[str, torch.Tensor]
     alpha: float | None
     problems: list[str] = field(default_factory=list)
+    #: Values loaders would turn into NaN/Inf output: non-finite factors, an alpha that is non-finite, negative
+    #: or beyond float16's range. Refused by `load_kohya` unless `allow_non_finite=True`; FAIL in `verify`.
+    value_problems: list[str] = field(default_factory=list)
 
     @property
     def adapter_class(self) -> type[Adapter] | None:
@@ -88,20 +93,24 @@ class KohyaModule:
         """The rank the loaders divide alpha by (`hada_w1_b.shape[0]`, `lora_down.shape[0]`, LoKr's rule: see
         each kind's `file_rank`); None when the kind is unknown or the rank cannot be read."""
         cls = self.adapter_class
-        return cls.file_rank(self.tensors) if cls is not None else None
+        if cls is None or _tensor_problems(self.tensors):
+            return None
+        return cls.file_rank(self.tensors)
 
     @property
     def is_cp(self) -> bool:
         """CP/Tucker form (`hada_t1`, `lora_mid`, `lokr_t2`); False for an unknown kind."""
         cls = self.adapter_class
-        return cls is not None and cls.file_is_cp(self.tensors)
+        return cls is not None and not _tensor_problems(self.tensors) and cls.file_is_cp(self.tensors)
 
     @property
     def scaling(self) -> float:
         """The factor ComfyUI and A1111 multiply the rebuilt product by (user multiplier 1): `alpha / rank`,
         1.0 without alpha (and for LoKr without a factorized half); each kind's `file_scaling`. Unitless."""
         cls = self.adapter_class
-        return cls.file_scaling(self.alpha, self.tensors) if cls is not None else 1.0
+        if cls is None or _tensor_problems(self.tensors):
+            return 1.0
+        return cls.file_scaling(self.alpha, self.tensors)
 
     @property
     def scale(self) -> float:
@@ -161,8 +170,13 @@ class KohyaFile:
 
     @property
     def all_problems(self) -> list[str]:
-        """File problems and every module's problems (`"<module>: <problem>"`)."""
+        """File problems and every module's problems (`"<module>: <problem>"`); not `value_problems`."""
         return self.problems + [f"{m.name}: {p}" for m in self.modules.values() for p in m.problems]
+
+    @property
+    def value_problems(self) -> list[str]:
+        """Every module's `value_problems` (`"<module>: <problem>"`): NaN/Inf factors, bad alphas."""
+        return [f"{m.name}: {p}" for m in self.modules.values() for p in m.value_problems]
 
     @property
     def dtypes(self) -> list[str]:
@@ -229,18 +243,15 @@ def parse_kohya_state_dict(
 
 def classify_module(name: str, tensors: Mapping[str, torch.Tensor]) -> KohyaModule:
     """The record of file module `name` from its tensors (file names, `alpha` included): the kind the adapter
-    classes detect (`adapters.detect_kind`), the alpha, and every problem (recorded, not raised)."""
+    classes detect (`adapters.detect_kind`), the alpha, and every problem (recorded, not raised): `problems`
+    for what makes it unusable, `value_problems` for values that would give a NaN/Inf delta."""
     tensors = dict(tensors)
-    problems = []
+    problems: list[str] = []
     alpha = None
     if "alpha" in tensors:
-        alpha_tensor = tensors.pop("alpha")
-        if alpha_tensor.numel() != 1:
-            problems.append(
-                f"alpha must be a 0-dim or 1-element tensor, got shape {tuple(alpha_tensor.shape)}"
-            )
-        else:
-            alpha = float(alpha_tensor.float().item())
+        alpha, alpha_problem = _read_alpha(tensors.pop("alpha"))
+        if alpha_problem:
+            problems.append(alpha_problem)
     if "dora_scale" in tensors:
         problems.append(
             "has dora_scale (DoRA/DoHa weight decomposition), which loha_diffusion does not apply; "
@@ -248,17 +259,78 @@ def classify_module(name: str, tensors: Mapping[str, torch.Tensor]) -> KohyaModu
         )
         tensors.pop("dora_scale")
     kind = detect_kind(tensors)
+    malformed = _tensor_problems(tensors)
+    problems += malformed
     if kind is None:
         kind = UNKNOWN_KIND
         problems.append(f"no {kind_titles()} tensors (has {sorted(tensors)}); only those kinds are supported")
-    else:
+    elif not malformed:
         problems += adapter_class(kind).file_problems(tensors)
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) > 1:
         problems.append(
             f"mixes dtypes {sorted(str(d) for d in dtypes)} (A1111 multiplies factors in their stored dtype)"
         )
-    return KohyaModule(name=name, kind=kind, tensors=tensors, alpha=alpha, problems=problems)
+    return KohyaModule(
+        name=name,
+        kind=kind,
+        tensors=tensors,
+        alpha=alpha,
+        problems=problems,
+        value_problems=_value_problems(tensors, alpha) if not malformed else [],
+    )
+
+
+# The largest alpha a file may carry: float16's largest value. save_kohya writes alpha in the factors' dtype
+# (fp16 by default), and ComfyUI/A1111 compute fp16 models' deltas in fp16, so a larger alpha becomes Inf there.
+MAX_ALPHA = float(torch.finfo(torch.float16).max)
+
+
+def _read_alpha(tensor: torch.Tensor) -> tuple[float | None, str | None]:
+    """A module's alpha as a float, or the reason it is not a number (checked like kohya's `alpha.item()`)."""
+    if not isinstance(tensor, torch.Tensor):
+        return None, f"alpha must be a number tensor, got {type(tensor).__name__}"
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        return None, f"alpha must be a real number, got a {str(tensor.dtype).removeprefix('torch.')} tensor"
+    if tensor.numel() != 1:
+        return None, f"alpha must be a 0-dim or 1-element tensor, got shape {tuple(tensor.shape)}"
+    return float(tensor.double().item()), None
+
+
+def _tensor_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Factor tensors no loader can use: not floating point, 0-dim, or with a zero-sized dimension."""
+    problems = []
+    for tensor_name, tensor in sorted(tensors.items()):
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"{tensor_name} is a {type(tensor).__name__}, not a tensor")
+        elif not tensor.is_floating_point():
+            problems.append(
+                f"{tensor_name} has dtype {str(tensor.dtype).removeprefix('torch.')}; factors are "
+                "floating point (float32, float16 or bfloat16)"
+            )
+        elif tensor.dim() == 0 or tensor.numel() == 0:
+            problems.append(f"{tensor_name} has shape {tuple(tensor.shape)}; factors have no empty dimension")
+    return problems
+
+
+def _value_problems(tensors: Mapping[str, torch.Tensor], alpha: float | None) -> list[str]:
+    """NaN/Inf factors and alphas that are NaN, infinite, negative or beyond `MAX_ALPHA` (kohya's trainers
+    write a positive alpha <= the rank's order of magnitude; LyCORIS' `alpha 0` means alpha = rank)."""
+    problems = []
+    bad = [k for k, t in sorted(tensors.items()) if not bool(torch.isfinite(t.float()).all())]
+    if bad:
+        problems.append(f"NaN or infinite values in {bad}")
+    if alpha is not None:
+        if not math.isfinite(alpha):
+            problems.append(f"alpha is {alpha}")
+        elif alpha < 0:
+            problems.append(f"alpha {alpha:g} is negative (it would flip the delta's sign)")
+        elif alpha > MAX_ALPHA:
+            problems.append(
+                f"alpha {alpha:.3g} is beyond float16's range ({MAX_ALPHA:g}): the delta overflows in "
+                "half precision (ComfyUI/A1111) and the alpha cannot be written in fp16"
+            )
+    return problems
 
 
 def read_kohya(path: str | os.PathLike) -> KohyaFile:
@@ -272,16 +344,38 @@ def read_kohya(path: str | os.PathLike) -> KohyaFile:
             in the result (`KohyaFile.all_problems`), not raised.
     """
     path = Path(path)
+    state_dict, metadata = read_safetensors(path, KohyaFormatError)
+    parsed = parse_kohya_state_dict(state_dict, metadata)
+    parsed.path = path
+    return parsed
+
+
+def read_safetensors(
+    path: Path, error: type[LoHaDiffusionError] = KohyaFormatError
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor (as stored: file dtype, CPU) and the metadata of the `.safetensors` file `path`.
+
+    Raises:
+        AdapterFileNotFoundError: no file at `path` (also a `FileNotFoundError`).
+        LoHaDiffusionError: (`error`) the file is empty, truncated or has a corrupt header; the message names
+            the file and what safetensors found.
+    """
     if not path.is_file():
-        raise AdapterFileNotFoundError(f"No Kohya/LyCORIS adapter file at {path}.")
+        what = "a folder, not a .safetensors file" if path.is_dir() else "no such file"
+        raise AdapterFileNotFoundError(f"No adapter file at {path} ({what}).")
+    size = path.stat().st_size
+    if size == 0:
+        raise error(f"{path} is empty (0 bytes); the download or save did not finish. Get the file again.")
     state_dict = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             for key in f.keys():
                 state_dict[key] = f.get_tensor(key)
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise KohyaFormatError(f"{path} is not a readable .safetensors file: {err}") from None
-    parsed = parse_kohya_state_dict(state_dict, metadata)
-    parsed.path = path
-    return parsed
+    except Exception as err:  # safetensors raises its own types (SafetensorError, ...) for corrupt files
+        reason = str(err) or type(err).__name__
+        raise error(
+            f"{path} is not a readable .safetensors file ({size:,} bytes): {reason}. It is truncated or "
+            "corrupt, or not a safetensors file; get or export it again."
+        ) from None
+    return state_dict, dict(metadata)

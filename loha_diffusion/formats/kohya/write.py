@@ -16,6 +16,7 @@ from torch import nn
 from ...adapters import Adapter, LayerSpec
 from ...errors import AdapterNotFoundError, KohyaFormatError, format_problems
 from ...files import atomic_write_bytes
+from ...finite import check_writable
 from ...layers import AdapterLayer, check_adapter_name
 from .. import naming
 from .load import _unwrap
@@ -46,6 +47,7 @@ def build_kohya_state_dict(
     dtype: torch.dtype = torch.float16,
     unet_naming: str = "auto",
     base_model_version: str | None = None,
+    target: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The Kohya tensors of adapter `adapter_name` and facts for the metadata (see `save_kohya` for the names).
 
@@ -62,6 +64,8 @@ def build_kohya_state_dict(
         AdapterNotFoundError: no given model has adapter `adapter_name`.
         KohyaFormatError: everything a loader would reject or silently mis-apply (see `save_kohya`), listed in
             one message.
+        NonFiniteError: factors or alphas that are NaN/Inf, or beyond `dtype`'s range (fp16: 65,504), which
+            would be written as Inf (`finite.check_writable`; `target` names the file in the message).
     """
     check_adapter_name(adapter_name)
     if dtype not in SAVE_DTYPES:
@@ -82,7 +86,7 @@ def build_kohya_state_dict(
     names, naming_style = _unet_names(models["unet"], parts["unet"], arch, unet_naming, problems, hints)
     two_encoders = models["text_encoder_2"] is not None
     _add_text_encoder_names(names, parts, naming.export_te_prefixes(two_encoders, arch), arch, problems)
-    state = _file_state(names, dtype, problems)
+    state = _file_state(names, problems)
     if any(problems.values()):
         raise KohyaFormatError(
             format_problems(
@@ -100,6 +104,8 @@ def build_kohya_state_dict(
                 hints,
             )
         )
+    check_writable(state, dtype, target or f"adapter {adapter_name!r} as a Kohya file")
+    state = {key: tensor.to(dtype).contiguous() for key, tensor in state.items()}
     facts = {"arch": arch, "unet_naming": naming_style, "adapters": names}
     return state, facts
 
@@ -193,10 +199,11 @@ def _add_text_encoder_names(
 
 
 def _file_state(
-    names: dict[str, tuple[Adapter, nn.Module]], dtype: torch.dtype, problems: dict[str, list[str]]
+    names: dict[str, tuple[Adapter, nn.Module]], problems: dict[str, list[str]]
 ) -> dict[str, torch.Tensor]:
-    """The file tensors of every named adapter in `dtype` on the CPU, plus a 0-dim alpha each; each module is
-    read back as loaders will read it (rank, CP layout, shapes) and what differs is recorded in `problems`."""
+    """The file tensors of every named adapter on the CPU, plus a 0-dim alpha each, in their own dtype (fp32;
+    the caller checks and casts them); each module is read back as loaders will read it (rank, CP layout,
+    shapes) and what differs is recorded in `problems`."""
     state: dict[str, torch.Tensor] = {}
     for name, (adapter, layer) in names.items():
         tensors = adapter.file_state_tensors()
@@ -207,8 +214,8 @@ def _file_state(
         except ValueError as err:
             problems["shapes"].append(f"{name}: {err}")
         for tensor_name, tensor in tensors.items():
-            state[f"{name}.{tensor_name}"] = tensor.to(device="cpu", dtype=dtype).contiguous()
-        state[f"{name}.alpha"] = torch.tensor(float(adapter.alpha), dtype=dtype)
+            state[f"{name}.{tensor_name}"] = tensor.to(device="cpu")
+        state[f"{name}.alpha"] = torch.tensor(float(adapter.alpha), dtype=torch.float32)
     return state
 
 
@@ -246,6 +253,9 @@ def save_kohya(
         ValueError: an unsupported `dtype` or `unet_naming`, or an unknown `training_info` key.
         AdapterNotFoundError: no given model has adapter `adapter_name`.
         KohyaFormatError: what loaders would reject or mis-apply (see above).
+        NonFiniteError: NaN/Inf factors or alphas, or values beyond `dtype`'s range (fp16: 65,504), named by
+            module; save in float32/bfloat16 or from an earlier checkpoint (`finite.check_writable`).
+        OutputWriteError: no space left, or no permission (the previous file is unchanged).
         OSError: the file cannot be written.
     """
     check_adapter_name(adapter_name)
@@ -258,6 +268,7 @@ def save_kohya(
         dtype=dtype,
         unet_naming=unet_naming,
         base_model_version=base_model_version,
+        target=str(path),
     )
     meta = kohya_metadata(
         facts,
@@ -285,10 +296,12 @@ def write_kohya_file(
     write never leaves a truncated adapter, and the file gets a normal file's mode. Returns `path`.
 
     Raises:
+        NonFiniteError: a tensor holds NaN or Inf (e.g. from casting to fp16), named by module.
         OutputWriteError: no space left, or no permission (the previous file is unchanged).
         OSError: another error of the filesystem.
     """
     path = Path(path)
+    check_writable(state_dict, None, str(path))
     meta = dict(metadata)
     meta.pop("sshs_legacy_hash", None)
     if model_hash:
