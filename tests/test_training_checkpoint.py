@@ -1,29 +1,51 @@
-"""Checkpoint folders: listing, pruning to checkpoints_total_limit, resolving resume_from_checkpoint; the
+"""Checkpoint folders: the pickle-free state files, the manifest, listing only complete checkpoints, pruning
+to checkpoints_total_limit, resolving resume_from_checkpoint; a planted pickle payload never runs; the
 optimizer settings a resume applies."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import pickle
+import random
 
+import numpy as np
 import pytest
 import torch
+from test_training_loop import base_flags, make_dataset
 
 from loha_diffusion.errors import ConfigError
-from loha_diffusion.training.checkpoint import list_checkpoints, prune_checkpoints, resolve_resume_path
+from loha_diffusion.training.checkpoint import (
+    MANIFEST,
+    checkpoint_folders,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint_state,
+    resolve_resume_path,
+    write_checkpoint,
+)
 from loha_diffusion.training.config import load_config
+from loha_diffusion.training.loop import main, train
 from loha_diffusion.training.models import (
     apply_optimizer_settings,
     make_lr_scheduler,
     make_optimizer,
     optimizer_settings,
 )
+from loha_diffusion.training.statefile import (
+    decode_state,
+    encode_state,
+    parse_state_files,
+    rng_state,
+    set_rng_state,
+    state_files,
+)
 
 
 def make_checkpoints(root, steps):
     for step in steps:
-        folder = root / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        (folder / "unet_adapter.safetensors").write_bytes(b"")
+        write_checkpoint(root / f"checkpoint-{step}", step, {"unet_adapter.safetensors": b"x" * step})
     (root / "checkpoint-notes").mkdir()  # not a checkpoint name: ignored
 
 
@@ -32,14 +54,47 @@ def config(root, resume):
     return load_config(flags + ["--output_dir", str(root), "--resume_from_checkpoint", resume])
 
 
-def test_list_sorts_by_step_and_prune_keeps_room_for_one(tmp_path):
-    make_checkpoints(tmp_path, [20, 100, 3])
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-20", "checkpoint-100"]
+def test_list_sorts_by_step_and_prune_keeps_the_new_one(tmp_path):
+    make_checkpoints(tmp_path, [20, 100, 3, 50])
+    names = ["checkpoint-3", "checkpoint-20", "checkpoint-50", "checkpoint-100"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == names
     assert prune_checkpoints(tmp_path, None) == []
-    removed = prune_checkpoints(tmp_path, 2)  # called before a save: leave room for the new one
+    # Called after the save of checkpoint-50 (a resume from an older step): it stays, the oldest others go.
+    removed = prune_checkpoints(tmp_path, 2, keep=tmp_path / "checkpoint-50")
     assert [p.name for p in removed] == ["checkpoint-3", "checkpoint-20"]
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-100"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-50", "checkpoint-100"]
+    assert prune_checkpoints(tmp_path, 1, keep=tmp_path / "checkpoint-100") == [tmp_path / "checkpoint-50"]
     assert list_checkpoints(tmp_path / "missing") == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no trash left behind
+
+
+def test_only_complete_checkpoints_count(tmp_path, caplog):
+    """A folder without manifest (an interrupted save), with a file missing or cut short, is not listed, is
+    named in a warning, is never pruned, and an explicit resume from it is refused saying why."""
+    make_checkpoints(tmp_path, [1, 2, 3, 4])
+    (tmp_path / "checkpoint-2" / MANIFEST).unlink()
+    (tmp_path / "checkpoint-3" / "unet_adapter.safetensors").write_bytes(b"x")
+    (tmp_path / "checkpoint-4" / "unet_adapter.safetensors").unlink()
+    (tmp_path / "checkpoint-5").mkdir()  # created, killed before anything was written
+    with caplog.at_level("WARNING", logger="loha_diffusion"):
+        assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    for n in (2, 3, 4, 5):
+        assert f"ignoring {tmp_path / f'checkpoint-{n}'}, not a complete checkpoint" in caplog.text
+    assert resolve_resume_path(config(tmp_path, "latest")).name == "checkpoint-1"
+    expected = {
+        "checkpoint-2": "did not complete",
+        "checkpoint-3": "has 1 bytes, checkpoint.json says 3",
+        "checkpoint-4": "unet_adapter.safetensors is missing",
+        "checkpoint-5": "did not complete",
+    }
+    for name, why in expected.items():
+        with pytest.raises(ConfigError, match=f"{name}.* is not a complete checkpoint: .*{why}"):
+            resolve_resume_path(config(tmp_path, name))
+    assert prune_checkpoints(tmp_path, 1, keep=tmp_path / "checkpoint-1") == []
+    assert len(checkpoint_folders(tmp_path)) == 5
+    (tmp_path / "checkpoint-1" / MANIFEST).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ConfigError, match="(?s)no complete checkpoint.*checkpoint-1.*not a loha_diffusion"):
+        resolve_resume_path(config(tmp_path, "latest"))  # not a silent restart from step 0
 
 
 def test_resolve_resume(tmp_path):
@@ -50,6 +105,140 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume_path(config(tmp_path, str(tmp_path / "checkpoint-40"))).name == "checkpoint-40"
     with pytest.raises(ConfigError, match="checkpoint-7.*existing: \\['checkpoint-5', 'checkpoint-40'\\]"):
         resolve_resume_path(config(tmp_path, "checkpoint-7"))
+
+
+def test_optimizer_states_round_trip_without_pickle():
+    """torch AdamW's state (tensor step, int parameter keys, tuple betas) and one shaped like bitsandbytes'
+    AdamW8bit (int step, uint8 states, one qmap tensor shared by every parameter) come back equal."""
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    adamw = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.99))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adamw.step()
+    qmap = torch.linspace(-1, 1, 256)
+    bnb_like = {
+        "state": {
+            i: {
+                "step": 3,
+                "state1": torch.randint(0, 255, (8,), dtype=torch.uint8),
+                "qmap1": qmap,
+                "absmax1": None,
+            }
+            for i in range(2)
+        },
+        "param_groups": [
+            {"lr": 1e-4, "betas": (0.9, 0.999), "eps": float("inf"), "params": [0, 1], "x": "s"}
+        ],
+    }
+    for state in (adamw.state_dict(), bnb_like):
+        files = state_files("optimizer", state, "the optimizer")
+        assert set(files) == {"optimizer.json", "optimizer.safetensors"}
+        back = parse_state_files("optimizer", files)
+        assert back["param_groups"] == state["param_groups"]  # tuples, inf, strings as they were
+        assert set(back["state"]) == set(state["state"])  # int keys
+        for i, entry in state["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    assert (
+                        torch.equal(back["state"][i][key], value)
+                        and back["state"][i][key].dtype == value.dtype
+                    )
+                else:
+                    assert back["state"][i][key] == value
+    doc, tensors = encode_state(adamw.state_dict(), "the optimizer")
+    assert set(tensors) == {f"state.{i}.{k}" for i in range(2) for k in ("step", "exp_avg", "exp_avg_sq")}
+    fresh = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1.0)
+    fresh.load_state_dict(decode_state(json.loads(json.dumps(doc)), tensors))
+    assert fresh.param_groups[0]["betas"] == (0.9, 0.99) and fresh.param_groups[0]["lr"] == 1e-3
+
+
+def test_unstorable_state_is_refused_with_its_path():
+    with pytest.raises(
+        ConfigError, match="the LR scheduler.*function.*`lr_lambdas.0`.*checkpointing_steps = 0"
+    ):
+        encode_state({"lr_lambdas": [lambda step: 1.0]}, "the LR scheduler")
+    with pytest.raises(ConfigError, match="a dict key of type object"):
+        encode_state({"state": {object(): 1}}, "the optimizer")
+    for bad, why in [
+        ({"x.json": b"\x80"}, "x.json is not JSON"),
+        ({"x.json": b'{"format": "pickle"}'}, "not a training-state file"),
+        (
+            {
+                "x.json": json.dumps(
+                    {"format": "loha_diffusion.training_state", "version": 1, "state": {"__tensor__": "a"}}
+                ).encode()
+            },
+            "tensor 'a'",
+        ),
+        ({"x.json": b"[]", "x.safetensors": b"junk"}, "x.json is not a training-state file"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_state_files("x", bad)
+
+
+def test_random_states_round_trip():
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    files = state_files("random_states_0", rng_state(), "the random state")
+    expected = random.random(), np.random.rand(), torch.rand(2)
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(parse_state_files("random_states_0", files))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(2), expected[2])
+
+
+class Payload:
+    """Unpickling this writes a marker file: what a crafted `custom_checkpoint_0.pkl` could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickles_never_run(tiny_sd1_pipeline_dir, tmp_path, capsys, caplog):
+    """A pickle whose loading creates a file, planted under accelerate's names beside a checkpoint and, one
+    at a time, under the name of every file of the checkpoint: the resume never runs it. A replaced file is
+    refused naming it; files the manifest does not list are never read, and the resume goes on."""
+    data = make_dataset(tmp_path / "data", 2)
+    marker = tmp_path / "PAYLOAD_RAN"
+    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out", checkpointing_steps="1")
+    train(load_config(flags + ["--max_train_steps", "2"]), stop_at_step=1)
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    payload = pickle.dumps(Payload(marker))
+    resume = flags + ["--max_train_steps", "2", "--resume_from_checkpoint", str(checkpoint)]
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert {"optimizer.json", "optimizer.safetensors", "scheduler.json", "train_state.json", MANIFEST} <= set(
+        names
+    )
+    assert not any(name.endswith((".bin", ".pkl", ".pt")) for name in names)
+    for name in names:
+        original = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(payload)
+        assert main(resume) == 2, name
+        err = capsys.readouterr().err
+        assert str(checkpoint / name) in err and "Traceback" not in err, err
+        assert not marker.exists(), name
+        (checkpoint / name).write_bytes(original)
+    for name in (
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "scaler.pt",
+        "custom_checkpoint_0.pkl",
+    ):
+        (checkpoint / name).write_bytes(payload)
+    assert read_checkpoint_state(checkpoint, "train_state")["global_step"] == 1
+    with caplog.at_level("WARNING", logger="loha_diffusion"):
+        assert main(resume) == 0
+    assert "does not list (never read): custom_checkpoint_0.pkl, optimizer.bin" in caplog.text
+    assert not marker.exists() and (tmp_path / "out" / "loha.safetensors").is_file()
+    pickle.loads(payload)  # the payload is real: loading it does create the marker
+    assert marker.exists()
+    os.unlink(marker)
 
 
 def test_resumed_optimizer_takes_the_new_settings_and_schedule():

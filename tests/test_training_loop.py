@@ -185,7 +185,10 @@ def test_two_processes_equal_one(tiny_sd1_pipeline_dir, tmp_path):
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
     # Same files as the single-process run, plus the second process's RNG state inside the checkpoint.
-    assert listing(tmp_path / "two") - listing(tmp_path / "one") == {"checkpoint-4/random_states_1.pkl"}
+    assert listing(tmp_path / "two") - listing(tmp_path / "one") == {
+        "checkpoint-4/random_states_1.json",
+        "checkpoint-4/random_states_1.safetensors",
+    }
     assert listing(tmp_path / "one") - listing(tmp_path / "two") == set()
 
 

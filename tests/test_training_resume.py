@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from test_training_loop import base_flags, make_dataset
 
 from loha_diffusion.formats.kohya import read_metadata
-from loha_diffusion.training.checkpoint import RUN_RECORD, dataset_changes, dataset_fingerprint
+from loha_diffusion.training.checkpoint import (
+    RUN_RECORD,
+    dataset_changes,
+    dataset_fingerprint,
+    read_checkpoint_state,
+)
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.loop import main, train
-
-
-def checkpoint_state(checkpoint: Path, name: str) -> dict:
-    return torch.load(checkpoint / name, weights_only=False)
 
 
 def test_changed_learning_rate_is_applied_logged_and_recorded(tiny_sd1_pipeline_dir, tmp_path, caplog):
@@ -38,9 +39,9 @@ def test_changed_learning_rate_is_applied_logged_and_recorded(tiny_sd1_pipeline_
         result = train(load_config(flags + extra + ["--resume_from_checkpoint", "latest"]))
     assert result.global_step == 6
     assert "resume: learning_rate 0.001 → 1e-05, applied from step 5 on" in caplog.text
-    optimizer = checkpoint_state(tmp_path / "out" / "checkpoint-6", "optimizer.bin")
+    optimizer = read_checkpoint_state(tmp_path / "out" / "checkpoint-6", "optimizer")
     assert optimizer["param_groups"][0]["lr"] == optimizer["param_groups"][0]["initial_lr"] == 1e-5
-    assert checkpoint_state(tmp_path / "out" / "checkpoint-6", "scheduler.bin")["base_lrs"] == [1e-5]
+    assert read_checkpoint_state(tmp_path / "out" / "checkpoint-6", "scheduler")["base_lrs"] == [1e-5]
     change = {"after_step": 4, "setting": "learning_rate", "old": 0.001, "new": 1e-05}
     meta = read_metadata(result.kohya_file)
     assert meta["ss_learning_rate"] == "1e-05"  # in force at the end; the history says since when
@@ -113,19 +114,21 @@ def test_changed_settings_are_refused(tiny_sd1_pipeline_dir, tmp_path, capsys, f
     assert not (tmp_path / "out" / "checkpoint-2").exists()
 
 
-def test_checkpoint_without_record_resumes_with_a_warning(tiny_sd1_pipeline_dir, tmp_path, caplog):
+def test_checkpoint_of_the_pickle_format_is_refused(tiny_sd1_pipeline_dir, tmp_path, capsys):
+    """A checkpoint folder as accelerate's save_state wrote it (older versions) is refused, saying why."""
     data = make_dataset(tmp_path / "data", 3)
-    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out") + [
-        "--max_train_steps",
-        "3",
-        "--checkpointing_steps",
-        "1",
-    ]
-    train(load_config(flags), stop_at_step=1)
-    (tmp_path / "out" / "checkpoint-1" / RUN_RECORD).unlink()  # as written before records existed
-    with caplog.at_level("WARNING", logger="loha_diffusion"):
-        assert train(load_config(flags + ["--resume_from_checkpoint", "latest"])).global_step == 3
-    assert "training data and settings cannot be checked" in caplog.text
+    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "out") + ["--max_train_steps", "3"]
+    old = tmp_path / "out" / "checkpoint-1"
+    old.mkdir(parents=True)
+    for name in ("unet_adapter.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"):
+        (old / name).write_bytes(b"x")
+    assert main(flags + ["--resume_from_checkpoint", "checkpoint-1"]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate's pickle format" in err and "unpickling a file can run code" in err
+    # `latest` does not silently start from step 0 when the only checkpoint cannot be used.
+    assert main(flags + ["--resume_from_checkpoint", "latest"]) == 2
+    assert "has no complete checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "loha.safetensors").exists()
 
 
 def test_fingerprint_ignores_place_and_mtime_and_names_changes(tmp_path):

@@ -1,10 +1,21 @@
-"""Training-state checkpoints for resuming: accelerate `save_state`/`load_state` with only the adapter weights,
-and the check that a resume continues the same run.
+"""Training-state checkpoints for resuming, in our own pickle-free format, and the check that a resume
+continues the same run.
 
 A checkpoint folder `checkpoint-<step>/` holds the adapter tensors (`unet_adapter.safetensors`,
-`text_encoder_adapter.safetensors`), the optimizer, LR scheduler, scaler and RNG states written by accelerate,
-`TrainState` (global step, epoch geometry) and `run_record.json`: the settings of the run, the fingerprint of
-its data (`dataset_fingerprint`) and the settings changed by earlier resumes. Data position follows from the
+`text_encoder_adapter.safetensors`), the optimizer, LR scheduler, fp16 gradient-scaler and per-process RNG
+states (`optimizer.json` + `optimizer.safetensors`, `scheduler.json`, `scaler.json`,
+`random_states_<rank>.json` + `.safetensors`; see `statefile.py`), `train_state.json` (`TrainState`: global
+step, epoch geometry), `run_record.json` (the settings of the run, the fingerprint of its data
+(`dataset_fingerprint`) and the settings changed by earlier resumes) and, written last, the manifest
+`checkpoint.json` (format version, every file's size and sha256). Nothing is pickled: accelerate's
+`save_state` would write `custom_checkpoint_0.pkl`, which its `load_state` unpickles with `weights_only=False`,
+so resuming from someone else's folder could run their code. The optimizer and scheduler are saved with
+`state_dict()` / restored with `load_state_dict()` on the objects `accelerator.prepare` returned, as
+accelerate's own `save_state` does.
+
+Crash safety: a checkpoint is written into a temporary folder and renamed when complete
+(`files.atomic_directory`); only folders whose manifest matches their files count (`list_checkpoints`,
+`latest`); older checkpoints are pruned only after the new one is complete. Data position follows from the
 step, because the sample order is a function of (seed, epoch) — see `data.py`. The files users load are
 written by `export.py`.
 
@@ -27,21 +38,35 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from ..errors import ConfigError, format_problems
+from ..files import atomic_directory, temporary_name
+from ..finite import check_writable
 from ..model import get_adapter_state_dict, set_adapter_state_dict
 from ..utils import format_number
 from .config import TrainConfig
 from .data import DatasetSummary
 from .models import ADAPTER_NAME
+from .statefile import encode_state, parse_state_files, rng_state, set_rng_state, state_files
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 RUN_RECORD = "run_record.json"  # in every checkpoint folder: settings, data fingerprint, earlier changes
 RUN_RECORD_FORMAT = 1
+MANIFEST = (
+    "checkpoint.json"  # written last: a folder without it, or whose files differ from it, is incomplete
+)
+CHECKPOINT_FORMAT = "loha_diffusion.checkpoint"
+CHECKPOINT_VERSION = 1
+TRAIN_STATE = "train_state"
+# What accelerate's `save_state` wrote (pickles): recognised only to explain why such a folder is refused.
+ACCELERATE_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_warned: set[str] = set()  # incomplete checkpoint folders already named in a warning
 
 _GEOMETRY = "the batch geometry: the data position is computed from the step"
 _SAMPLES = "what a training sample is"
@@ -91,7 +116,8 @@ WARNED_ON_RESUME = ("pretrained_model_name_or_path", "revision")
 
 @dataclass
 class TrainState:
-    """Progress saved with every checkpoint; the batch geometry guards against resuming with other settings."""
+    """Progress saved with every checkpoint (`train_state.json`); the batch geometry guards against resuming
+    with other settings."""
 
     global_step: int = 0
     update_steps_per_epoch: int = 0
@@ -99,12 +125,19 @@ class TrainState:
     seed: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The fields as a dict (accelerate pickles it into `custom_checkpoint_0.pkl`)."""
+        """The fields as a dict of ints."""
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Set the fields from `state_dict()`'s output."""
-        for key, value in state.items():
+        """Set the fields from `state_dict()`'s output.
+
+        Raises:
+            ValueError: a field is missing or not an integer.
+        """
+        for key in asdict(self):
+            value = state.get(key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{key} is {value!r}, not an integer")
             setattr(self, key, value)
 
     @property
@@ -114,8 +147,20 @@ class TrainState:
         return (self.update_steps_per_epoch, self.total_batch_size, self.seed)
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """`checkpoint-<step>` folders in `output_dir`, oldest (lowest step) first."""
+@dataclass(frozen=True)
+class Resumable:
+    """What a checkpoint stores besides its run record: the trained models by name (`{"unet": ...,
+    "text_encoder": ...}`, unwrapped; only their adapter tensors are stored), the optimizer and LR scheduler
+    as `accelerator.prepare` returned them, and the `TrainState`."""
+
+    adapters: dict[str, nn.Module]
+    optimizer: Any
+    lr_scheduler: Any
+    state: TrainState
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every `checkpoint-<step>` folder in `output_dir`, complete or not, oldest (lowest step) first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -125,87 +170,257 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def resolve_resume_path(cfg: TrainConfig) -> Path | None:
-    """The checkpoint `resume_from_checkpoint` names: `latest` is the newest in output_dir (None if there is
-    none); a bare `checkpoint-500` is looked up in output_dir, as in diffusers.
+def _manifest_error(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"{path / MANIFEST}: {problem}")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest `checkpoint.json` of checkpoint folder `path`: `{"format", "version", "step", "files":
+    {name: {"size": bytes, "sha256": hex}}}`, checked for form (not yet against the files).
 
     Raises:
-        ConfigError: the named folder is not a checkpoint (the message lists the existing ones).
+        ConfigError: there is none (an interrupted save, or a checkpoint in accelerate's pickle format from an
+            older version, which is not loaded because unpickling can run code), or it is not ours.
+    """
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        if any((path / name).exists() for name in ACCELERATE_FILES):
+            raise _manifest_error(
+                path,
+                "missing: this checkpoint is in accelerate's pickle format (optimizer.bin, "
+                "custom_checkpoint_0.pkl, ...), written by an older version of loha_diffusion; it is not loaded "
+                "because unpickling a file can run code. Finish that run with the version that wrote it, or "
+                "start again",
+            )
+        raise _manifest_error(
+            path,
+            "missing: the save of this checkpoint did not complete (the process was "
+            "killed or the disk filled up); resume from another checkpoint",
+        )
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _manifest_error(
+            path, f"not JSON ({exc}); this is not a checkpoint written by loha_diffusion"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        raise _manifest_error(path, "not a loha_diffusion checkpoint manifest")
+    if manifest.get("version") != CHECKPOINT_VERSION:
+        raise _manifest_error(
+            path,
+            f"version {manifest.get('version')!r}; this version of loha_diffusion reads {CHECKPOINT_VERSION}",
+        )
+    step = path.name[len(CHECKPOINT_PREFIX) :]
+    if str(manifest.get("step")) != step:
+        raise _manifest_error(
+            path, f"written for step {manifest.get('step')!r}, but the folder is {path.name}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _manifest_error(path, "lists no files")
+    for name, entry in files.items():
+        if not _FILE_NAME.fullmatch(name) or name == MANIFEST:
+            raise _manifest_error(path, f"lists {name!r}, which is not a file name a checkpoint holds")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise _manifest_error(path, f"the entry of {name} has no size and sha256")
+    return manifest
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why folder `path` is not a complete checkpoint, or None when it is: no manifest, a manifest that is not
+    ours, a listed file missing or of another size than listed (cheap: `verify_checkpoint` also compares the
+    checksums)."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except ConfigError as exc:
+        return str(exc)
+    for name, entry in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{file} has {file.stat().st_size} bytes, {MANIFEST} says {entry['size']}"
+    return None
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[tuple[Path, str]]:
+    """`(folder, problem)` for each `checkpoint-<step>` folder in `output_dir` that is not complete."""
+    found = [(path, checkpoint_problem(path)) for path in checkpoint_folders(output_dir)]
+    return [(path, problem) for path, problem in found if problem is not None]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in `output_dir` (manifest present and consistent with the files), oldest
+    (lowest step) first. An incomplete `checkpoint-<step>` folder is left out with a warning (once per
+    folder and process)."""
+    complete = []
+    for path in checkpoint_folders(output_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            complete.append(path)
+        elif str(path) not in _warned:
+            _warned.add(str(path))
+            logger.warning("ignoring %s, not a complete checkpoint: %s", path, problem)
+    return complete
+
+
+def _complete_names(output_dir: str | Path) -> str:
+    return str([p.name for p in list_checkpoints(output_dir)] or "none")
+
+
+def resolve_resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names: `latest` is the newest complete one in output_dir (None
+    if there is no checkpoint folder at all); a bare `checkpoint-500` is looked up in output_dir, as in
+    diffusers.
+
+    Raises:
+        ConfigError: the named folder is not a complete checkpoint (the message says why and lists the
+            complete ones), or `latest` finds only incomplete checkpoints (starting afresh would silently
+            throw their progress away).
     """
     if cfg.resume_from_checkpoint is None:
         return None
     if cfg.resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(cfg.output_dir)
-        if not checkpoints:
-            logger.warning(
-                "resume_from_checkpoint = 'latest' but %s has no checkpoints; starting fresh", cfg.output_dir
+        if checkpoints:
+            return checkpoints[-1]
+        incomplete = incomplete_checkpoints(cfg.output_dir)
+        if incomplete:
+            raise ConfigError(
+                format_problems(
+                    f"resume_from_checkpoint = 'latest': {cfg.output_dir} has no complete checkpoint",
+                    [("incomplete checkpoint folder(s)", [problem for _, problem in incomplete])],
+                    [
+                        "resume from a complete checkpoint elsewhere, or remove these folders (or choose "
+                        "another output_dir) to start a new run"
+                    ],
+                )
             )
-            return None
-        return checkpoints[-1]
+        logger.warning(
+            "resume_from_checkpoint = 'latest' but %s has no checkpoints; starting fresh", cfg.output_dir
+        )
+        return None
     path = Path(cfg.resume_from_checkpoint)
     if not path.is_dir() and (Path(cfg.output_dir) / path).is_dir():
         path = Path(cfg.output_dir) / path  # `--resume_from_checkpoint checkpoint-500`, as in diffusers
-    if not (path / "unet_adapter.safetensors").is_file():
+    if not path.is_dir():
         raise ConfigError(
             f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r}: {path} is not a checkpoint folder "
             f"(expected {CHECKPOINT_PREFIX}<step>/ written by checkpointing_steps); existing: "
-            f"{[p.name for p in list_checkpoints(cfg.output_dir)] or 'none'}"
+            f"{_complete_names(cfg.output_dir)}"
+        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(
+            f"resume_from_checkpoint = {cfg.resume_from_checkpoint!r}: {path} is not a complete checkpoint: "
+            f"{problem}. Complete checkpoints in {cfg.output_dir}: {_complete_names(cfg.output_dir)}"
         )
     return path
 
 
-def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints so that one more fits under `total_limit`; returns the deleted folders."""
+def prune_checkpoints(
+    output_dir: str | Path, total_limit: int | None, keep: Path | None = None
+) -> list[Path]:
+    """Delete the oldest complete checkpoints (never `keep`, the one just written) so that at most
+    `total_limit` remain; returns the deleted folders. Called only after the new checkpoint is complete, so a
+    crash never leaves fewer good checkpoints than before. Incomplete folders are left alone. A folder is
+    renamed to a temporary name before it is removed: a kill mid-removal leaves a temporary that
+    `files.remove_stale_temporaries` clears, not a half-deleted checkpoint."""
     if total_limit is None:
         return []
-    checkpoints = list_checkpoints(output_dir)
-    doomed = checkpoints[: max(0, len(checkpoints) - total_limit + 1)]
+    others = [p for p in list_checkpoints(output_dir) if keep is None or p.resolve() != keep.resolve()]
+    doomed = others[: max(0, len(others) + (keep is not None) - total_limit)]
     for path in doomed:
         logger.info("removing old checkpoint %s (checkpoints_total_limit = %d)", path, total_limit)
-        shutil.rmtree(path)
+        trash = temporary_name(path)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
-def register_adapter_state_hooks(accelerator, models: dict[str, nn.Module]) -> None:
-    """Make `save_state`/`load_state` store only the adapter tensors of `models` ({"unet": ..., ...}), not the
-    frozen base weights (gigabytes per checkpoint otherwise): `<name>_adapter.safetensors` per model, in the
-    adapters' own dtype (float32).
+def check_checkpointable(accelerator: Any, resumable: Resumable) -> None:
+    """Refuse at the start of a run, not at its first checkpoint, what checkpoints cannot store: DeepSpeed's
+    partitioned optimizer, or an optimizer or LR scheduler whose state holds more than tensors and plain
+    values.
 
-    Loading then raises `ConfigError` when a checkpoint lacks one of those files, and what
-    `set_adapter_state_dict` raises when its keys or shapes differ (other adapter settings).
+    Raises:
+        ConfigError: names what cannot be stored and the fix.
     """
+    if accelerator.distributed_type == "DEEPSPEED":
+        raise ConfigError(
+            "checkpoints (checkpointing_steps, resume_from_checkpoint) are not supported with DeepSpeed: its "
+            "optimizer state is partitioned over processes. Use DDP (sample_configs/accelerate/multi_gpu.yaml) "
+            "for a resumable run, or train without checkpoints"
+        )
+    encode_state(resumable.optimizer.state_dict(), "the optimizer")
+    encode_state(resumable.lr_scheduler.state_dict(), "the LR scheduler")
 
-    def find(model: nn.Module) -> str:
-        unwrapped = accelerator.unwrap_model(model)
-        for name, candidate in models.items():
-            if unwrapped is candidate:
-                return name
-        raise RuntimeError(f"unexpected model {type(unwrapped).__name__} in accelerator state")
 
-    def save_hook(prepared: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        for model in prepared:
-            name = find(model)
-            if accelerator.is_main_process:
-                state = get_adapter_state_dict(models[name], ADAPTER_NAME)
-                save_file(
-                    {k: v.contiguous() for k, v in state.items()},
-                    str(Path(output_dir) / f"{name}_adapter.safetensors"),
-                )
-        weights.clear()  # accelerate must not write the full models
+def checkpoint_files(
+    accelerator: Any, resumable: Resumable, rng_states: list[dict[str, Any]], record: dict[str, Any]
+) -> dict[str, bytes]:
+    """The files of a checkpoint, `{name: bytes}`: `<name>_adapter.safetensors` per trained model (the
+    adapters' float32 tensors), the optimizer, LR scheduler, fp16 gradient scaler (when there is one),
+    `random_states_<rank>` per process (`rng_states`, in rank order) and `train_state` as `statefile`
+    JSON + safetensors, and `run_record.json` (`record`).
 
-    def load_hook(prepared: list[nn.Module], input_dir: str) -> None:
-        for model in prepared:
-            name = find(model)
-            path = Path(input_dir) / f"{name}_adapter.safetensors"
-            if not path.is_file():
-                raise ConfigError(
-                    f"checkpoint {input_dir} has no {path.name}; was it written with other settings?"
-                )
-            set_adapter_state_dict(models[name], load_file(str(path)), ADAPTER_NAME)
-        prepared.clear()  # loaded here; accelerate must not load full models
+    Raises:
+        NonFiniteError: an adapter tensor is NaN or infinite (`TrainingDivergedError` should have stopped the
+            run before).
+        ConfigError: a state holds what a checkpoint cannot store (see `statefile.encode_state`).
+    """
+    files: dict[str, bytes] = {}
+    for name, model in resumable.adapters.items():
+        tensors = {k: v.detach().contiguous() for k, v in get_adapter_state_dict(model, ADAPTER_NAME).items()}
+        check_writable(tensors, None, f"{name}_adapter.safetensors of a checkpoint")
+        files[f"{name}_adapter.safetensors"] = save_tensors(tensors)
+    files.update(state_files("optimizer", resumable.optimizer.state_dict(), "the optimizer"))
+    files.update(state_files("scheduler", resumable.lr_scheduler.state_dict(), "the LR scheduler"))
+    if accelerator.scaler is not None:
+        files.update(state_files("scaler", accelerator.scaler.state_dict(), "the fp16 gradient scaler"))
+    for rank, rng in enumerate(rng_states):
+        files.update(state_files(f"random_states_{rank}", rng, "the random state"))
+    progress = {**resumable.state.state_dict(), "accelerator_step": accelerator.step}
+    files.update(state_files(TRAIN_STATE, progress, "the training progress"))
+    files[RUN_RECORD] = json.dumps(record, indent=1).encode("utf-8")
+    return files
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+
+def _write_file(folder: Path, name: str, data: bytes) -> None:
+    # One function for every file of a checkpoint: the crash tests stop the process here.
+    (folder / name).write_bytes(data)
+
+
+def write_checkpoint(path: Path, step: int, files: dict[str, bytes]) -> Path:
+    """Write `files` (`{name: bytes}`) as checkpoint folder `path` for optimizer step `step`: into a temporary
+    folder, the manifest `checkpoint.json` (every file's size and sha256) last, then renamed to `path`
+    (`files.atomic_directory`), so `path` is complete or absent. Returns `path`.
+
+    Raises:
+        OutputWriteError: no space left (checked against the checkpoint's size first) or no permission; the
+            temporary folder is removed and older checkpoints are untouched.
+    """
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "files": {
+            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in files.items()
+        },
+    }
+    body = json.dumps(manifest, indent=1).encode("utf-8")
+    with atomic_directory(path, needed=sum(map(len, files.values())) + len(body)) as tmp:
+        for name, data in files.items():
+            _write_file(tmp, name, data)
+        _write_file(tmp, MANIFEST, body)
+    return path
 
 
 def save_checkpoint(
@@ -213,39 +428,144 @@ def save_checkpoint(
     output_dir: str | Path,
     step: int,
     total_limit: int | None,
-    record: dict[str, Any] | None = None,
+    resumable: Resumable,
+    record: dict[str, Any],
 ) -> Path:
-    """Save the training state after optimizer step `step` as `<output_dir>/checkpoint-<step>/`, first
-    deleting the oldest checkpoints so that at most `total_limit` remain, with `record` (`make_run_record`)
-    as its `run_record.json`. Every process must call it."""
+    """Save the training state after optimizer step `step` as `<output_dir>/checkpoint-<step>/` with `record`
+    (`make_run_record`) as its `run_record.json`, then delete the oldest checkpoints so that at most
+    `total_limit` remain. Every process must call it: each hands its random state to the main process,
+    which writes the folder (`write_checkpoint`); all wait for it.
+
+    Raises:
+        OutputWriteError: the folder cannot be written (disk full, permission); older checkpoints are intact.
+        NonFiniteError: an adapter tensor is not finite.
+        ConfigError: a state holds what a checkpoint cannot store.
+    """
+    from accelerate.utils import gather_object
+
     path = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    rng = rng_state()
+    rng_states = [rng] if accelerator.num_processes == 1 else gather_object([rng])
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, total_limit)
+        write_checkpoint(path, step, checkpoint_files(accelerator, resumable, rng_states, record))
+        prune_checkpoints(output_dir, total_limit, keep=path)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process and record is not None:
-        (path / RUN_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
     logger.info("saved training state %s", path)
     return path
 
 
-def load_checkpoint(accelerator: Any, path: str | Path, state: TrainState) -> None:
-    """Restore the training state saved in `path` into the prepared objects and `state` (registered with
-    `accelerator.register_for_checkpointing`), which holds this run's geometry before the call.
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that checkpoint folder `path` is complete and that every file is the one its save wrote (the
+    sha256 in the manifest); files it does not list (accelerate's `optimizer.bin`, ...) are never read and
+    are named in a warning. Returns the manifest.
 
     Raises:
-        ConfigError: the checkpoint was written with another geometry (steps per epoch, total batch size,
-            seed), or lacks an adapter file (see `register_adapter_state_hooks`).
+        ConfigError: the folder is incomplete, or a file differs from what was written (the message names it).
     """
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"cannot resume from {path}: {problem}")
+    manifest = read_manifest(path)
+    for name in manifest["files"]:
+        _read_verified(path, manifest, name)
+    extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in manifest["files"])
+    if extra:
+        logger.warning(
+            "%s: ignoring files its %s does not list (never read): %s", path, MANIFEST, ", ".join(extra)
+        )
+    return manifest
+
+
+def _read_verified(path: Path, manifest: dict[str, Any], name: str) -> bytes:
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise ConfigError(f"cannot resume from {path}: it has no {name} ({MANIFEST} does not list it)")
+    data = (path / name).read_bytes()
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ConfigError(
+            f"cannot resume from {path}: {path / name} is not the file this checkpoint's save wrote (its "
+            f"size or sha256 differs from {MANIFEST}); the checkpoint was changed or damaged. Resume from "
+            f"another checkpoint ({_complete_names(path.parent)})"
+        )
+    return data
+
+
+def _read_state(path: Path, manifest: dict[str, Any], name: str) -> Any:
+    files = {
+        file: _read_verified(path, manifest, file)
+        for file in (f"{name}.json", f"{name}.safetensors")
+        if file in manifest["files"] or file.endswith(".json")
+    }
+    try:
+        return parse_state_files(name, files)
+    except ValueError as exc:
+        raise ConfigError(f"cannot resume from {path}: {exc}") from None
+
+
+def read_checkpoint_state(path: str | Path, name: str) -> Any:
+    """The state stored as `name` (`"optimizer"`, `"scheduler"`, `"train_state"`, `"random_states_0"`, ...) in
+    checkpoint folder `path`, after checking the files against the manifest.
+
+    Raises:
+        ConfigError: the checkpoint is incomplete, the file differs from what was written, or is malformed.
+    """
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"cannot resume from {path}: {problem}")
+    return _read_state(path, read_manifest(path), name)
+
+
+def load_checkpoint(accelerator: Any, path: str | Path, resumable: Resumable) -> None:
+    """Restore the training state saved in `path` into `resumable` (whose `state` holds this run's geometry
+    before the call) and the accelerator (gradient scaler, accumulation counter), and this process's random
+    states. Only JSON and safetensors are parsed, each file checked against the manifest's sha256 first.
+
+    Raises:
+        ConfigError: the checkpoint is incomplete or a file differs from what was written (named), it was
+            written with another geometry (steps per epoch, total batch size, seed), lacks an adapter file or
+            this process's random state, or its optimizer state does not fit this optimizer.
+    """
+    path = Path(path)
+    manifest = verify_checkpoint(path)
+    state = resumable.state
     expected = state.geometry
-    accelerator.load_state(str(path))
+    progress = _read_state(path, manifest, TRAIN_STATE)
+    try:
+        state.load_state_dict(progress)
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"cannot resume from {path}: {TRAIN_STATE}.json: {exc}") from None
     if state.geometry != expected:
         raise ConfigError(
             f"cannot resume from {path}: it was written with (steps per epoch, total batch size, seed) "
             f"= {state.geometry}, this run has {expected}; keep the dataset, batch settings, process count and "
             "seed"
         )
+    for name, model in resumable.adapters.items():
+        tensors = load_tensors(_read_verified(path, manifest, f"{name}_adapter.safetensors"))
+        set_adapter_state_dict(model, tensors, ADAPTER_NAME)
+    _restore(path, "optimizer", resumable.optimizer, _read_state(path, manifest, "optimizer"))
+    _restore(path, "scheduler", resumable.lr_scheduler, _read_state(path, manifest, "scheduler"))
+    if accelerator.scaler is not None:
+        _restore(path, "scaler", accelerator.scaler, _read_state(path, manifest, "scaler"))
+    rank = f"random_states_{accelerator.process_index}"
+    try:
+        set_rng_state(_read_state(path, manifest, rank))
+    except ValueError as exc:
+        raise ConfigError(f"cannot resume from {path}: {rank}: {exc}") from None
+    accelerator.step = int(progress.get("accelerator_step", 0))
     logger.info("resumed from %s at step %d", path, state.global_step)
+
+
+def _restore(path: Path, name: str, target: Any, state: Any) -> None:
+    try:
+        target.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(
+            f"cannot resume from {path}: {name}.json does not fit this run's {name} ({type(exc).__name__}: "
+            f"{exc}); resume with the settings that wrote it"
+        ) from None
 
 
 def run_settings(
@@ -311,32 +631,37 @@ def make_run_record(
     }
 
 
-def read_run_record(path: str | Path) -> dict[str, Any] | None:
-    """The `run_record.json` of checkpoint folder `path`, or None when it has none (written before records).
+def read_run_record(path: str | Path) -> dict[str, Any]:
+    """The `run_record.json` of checkpoint folder `path`, after checking every file of the checkpoint against
+    its manifest (`verify_checkpoint`).
 
     Raises:
-        ConfigError: the file is not valid JSON.
+        ConfigError: the checkpoint is incomplete or changed, or the record is not a JSON object.
     """
-    file = Path(path) / RUN_RECORD
-    if not file.is_file():
-        return None
+    path = Path(path)
+    data = _read_verified(path, verify_checkpoint(path), RUN_RECORD)
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file} is not valid JSON ({exc}); resume from another checkpoint") from None
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{path / RUN_RECORD} is not valid JSON ({exc}); resume from another checkpoint"
+        ) from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path / RUN_RECORD} is not a run record; resume from another checkpoint")
+    return record
 
 
 @dataclass(frozen=True)
 class ResumeCheck:
-    """A checkpoint `check_resume` accepted, with its `run_record.json` (None: an older checkpoint without one)."""
+    """A checkpoint `check_resume` accepted, with its `run_record.json`."""
 
     path: Path
-    record: dict[str, Any] | None
+    record: dict[str, Any]
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """The setting changes of earlier resumes of this run (`{"after_step", "setting", "old", "new"}`)."""
-        return list(self.record.get("changes", [])) if self.record else []
+        return list(self.record.get("changes", []))
 
     def applied_changes(
         self, settings: dict[str, Any], restored_optimizer: dict[str, Any]
@@ -344,7 +669,7 @@ class ResumeCheck:
         """`(setting, old, new)` for each `APPLIED_ON_RESUME` setting this run changes: old values from the
         restored optimizer (`models.optimizer_settings`, what was really in use) and the record, new ones
         from this run's `run_settings`."""
-        old = {**(self.record or {}).get("settings", {}), **restored_optimizer}
+        old = {**self.record.get("settings", {}), **restored_optimizer}
         return [
             (key, old[key], settings.get(key))
             for key in APPLIED_ON_RESUME
@@ -414,26 +739,19 @@ def _restore_hint(old: dict[str, Any], new: dict[str, Any]) -> str:
 def check_resume(
     path: Path | None, settings: dict[str, Any], fingerprint: dict[str, Any]
 ) -> ResumeCheck | None:
-    """Check, before any model is loaded, that the checkpoint `path` (None: no resume) was written by this
-    run: same data (`dataset_fingerprint`) and the same `REFUSED_ON_RESUME` settings (`run_settings`). A
-    checkpoint without `run_record.json` (written before records) is accepted with a warning: only its batch
-    geometry can be checked (by `load_checkpoint`). A changed base-model path or revision is a warning.
+    """Check, before any model is loaded, that the checkpoint `path` (None: no resume) is intact (every file
+    as its save wrote it, `verify_checkpoint`) and was written by this run: same data (`dataset_fingerprint`)
+    and the same `REFUSED_ON_RESUME` settings (`run_settings`). A changed base-model path or revision is a
+    warning.
 
     Raises:
-        ConfigError: the data or a refused setting changed; the message names every difference (images
-            removed, added, changed; `setting: old → new`) and how to continue or start afresh.
+        ConfigError: the checkpoint is incomplete or a file was changed (named); the data or a refused setting
+            changed (the message names every difference: images removed, added, changed; `setting: old →
+            new`, and how to continue or start afresh).
     """
     if path is None:
         return None
     record = read_run_record(path)
-    if record is None:
-        logger.warning(
-            "%s has no %s (written by an older version): the training data and settings cannot be checked, "
-            "only the batch geometry; resume only with the data and settings that wrote it",
-            path,
-            RUN_RECORD,
-        )
-        return ResumeCheck(path, None)
     old = record.get("settings", {})
     problems = refused_changes(old, settings)
     data = dataset_changes(record.get("dataset", {}), fingerprint)

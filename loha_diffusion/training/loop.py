@@ -24,17 +24,21 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, LoHaDiffusionError, TrainingDivergedError
+from ..files import atomic_write_text, remove_stale_temporaries
+from ..finite import non_finite_modules
+from ..model import get_adapter_state_dict
 from ..utils import format_number
 from .checkpoint import (
     SCHEDULE_SETTINGS,
+    Resumable,
     ResumeCheck,
     TrainState,
+    check_checkpointable,
     check_resume,
     dataset_fingerprint,
     list_checkpoints,
     load_checkpoint,
     make_run_record,
-    register_adapter_state_hooks,
     resolve_resume_path,
     run_settings,
     save_checkpoint,
@@ -51,6 +55,7 @@ from .data import (
 )
 from .export import export_kohya, export_peft, training_metadata
 from .models import (
+    ADAPTER_NAME,
     Models,
     add_adapters,
     apply_optimizer_settings,
@@ -141,6 +146,19 @@ class Run:
     def is_main(self) -> bool:
         """True in the process that writes files, logs and validates (accelerate's main process)."""
         return self.accelerator.is_main_process
+
+    @property
+    def adapters(self) -> dict[str, nn.Module]:
+        """The trained models by checkpoint name (`{"unet": ...}`, plus `"text_encoder"` when trained)."""
+        trained = {"unet": self.models.unet}
+        if self.cfg.train_text_encoder:
+            trained["text_encoder"] = self.models.text_encoder
+        return trained
+
+    @property
+    def resumable(self) -> Resumable:
+        """What a checkpoint saves and restores: the adapters, the prepared optimizer and LR scheduler, the state."""
+        return Resumable(self.adapters, self.optimizer, self.lr_scheduler, self.state)
 
 
 def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
@@ -258,8 +276,13 @@ def prepare(
     loader: Any,
     sampler: EpochSampler,
 ) -> Run:
-    """Hand the trained models, optimizer, loader and LR scheduler to `accelerator.prepare`, register the
-    resume state (only adapter tensors are checkpointed), and return the `Run`."""
+    """Hand the trained models, optimizer, loader and LR scheduler to `accelerator.prepare` and return the
+    `Run`; with checkpoints or a resume, check first that checkpoints can store this optimizer and scheduler.
+
+    Raises:
+        ConfigError: checkpoints are asked for but cannot be stored (DeepSpeed, or an optimizer or scheduler
+            state that is not tensors and plain values; see `checkpoint.check_checkpointable`).
+    """
     params = [p for group in optimizer.param_groups for p in group["params"]]  # what gradient clipping sees
     if cfg.train_text_encoder:
         unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
@@ -276,11 +299,8 @@ def prepare(
         total_batch_size=schedule.total_batch_size,
         seed=cfg.seed,
     )
-    accelerator.register_for_checkpointing(state)
-    trained = {"unet": models.unet, "text_encoder": models.text_encoder}
-    register_adapter_state_hooks(accelerator, trained if cfg.train_text_encoder else {"unet": models.unet})
     output_dir = Path(cfg.output_dir)
-    return Run(
+    run = Run(
         cfg=cfg,
         accelerator=accelerator,
         summary=summary,
@@ -299,6 +319,9 @@ def prepare(
         result=TrainResult(output_dir=output_dir, global_step=0, logging_dir=output_dir / cfg.logging_dir),
         validator=make_validator(cfg, accelerator, models),
     )
+    if cfg.checkpointing_steps or cfg.resume_from_checkpoint:
+        check_checkpointable(accelerator, run.resumable)
+    return run
 
 
 def make_validator(cfg: TrainConfig, accelerator: Any, models: Models) -> Validator | None:
@@ -324,10 +347,17 @@ def make_validator(cfg: TrainConfig, accelerator: Any, models: Models) -> Valida
 
 
 def start_outputs(run: Run) -> None:
-    """Main process: create `output_dir`, write the effective `train_config.toml`, start the tracker."""
+    """Main process: create `output_dir`, remove the temporary files and folders that killed runs left there
+    (half-written checkpoints and exports), write the effective `train_config.toml`, start the tracker.
+
+    Raises:
+        OutputWriteError: `output_dir` cannot be written (no space, no permission).
+    """
     if run.is_main:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-        (run.output_dir / "train_config.toml").write_text(run.cfg.to_toml(), encoding="utf-8")
+        for path in remove_stale_temporaries(run.output_dir):
+            logger.info("removed %s, left by an interrupted run", path.name)
+        atomic_write_text(run.output_dir / "train_config.toml", run.cfg.to_toml())
         run.tracker.start(run.cfg)
 
 
@@ -348,9 +378,10 @@ def resume_run(run: Run, check: ResumeCheck) -> None:
     start time of the run that wrote the checkpoint.
 
     Raises:
-        ConfigError: as `checkpoint.load_checkpoint` (another batch geometry, a missing adapter file).
+        ConfigError: as `checkpoint.load_checkpoint` (a changed file, another batch geometry, a missing
+            adapter file).
     """
-    load_checkpoint(run.accelerator, check.path, run.state)
+    load_checkpoint(run.accelerator, check.path, run.resumable)
     restored = optimizer_settings(run.optimizer)
     apply_optimizer_settings(run.cfg, run.optimizer, run.lr_scheduler)
     step = run.state.global_step
@@ -358,8 +389,7 @@ def resume_run(run: Run, check: ResumeCheck) -> None:
     run.changes = check.history + [
         {"after_step": step, "setting": key, "old": old, "new": new} for key, old, new in changes
     ]
-    if check.record is not None:
-        run.started_at = check.record.get("started_at", run.started_at)
+    run.started_at = check.record.get("started_at", run.started_at)
     for key, old, new in changes:
         note = ""
         if key in SCHEDULE_SETTINGS:
@@ -480,11 +510,13 @@ def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
 
 def end_step(run: Run) -> None:
     """Count the optimizer step just taken; log its loss (mean over its micro-batches and processes) and
-    learning rates to the bar and the tracker.
+    learning rates to the bar and the tracker; stop the run if the loss or the updated adapter weights are not
+    finite, before `after_step` could save a checkpoint or file of that state.
 
     Raises:
         TrainingDivergedError: the loss is NaN or infinite (the message names the likely causes for this run's
-            settings, most likely first; see `nan_loss_message`).
+            settings, most likely first; see `nan_loss_message`), or the update made adapter weights NaN or
+            infinite (`check_finite_weights`).
     """
     state = run.state
     state.global_step += 1
@@ -499,7 +531,36 @@ def end_step(run: Run) -> None:
     run.tracker.log(logs, step=state.global_step)
     if not math.isfinite(loss):
         raise TrainingDivergedError(nan_loss_message(run, loss))
+    check_finite_weights(run)
     run.last_finite_loss = (state.global_step, loss)
+
+
+def check_finite_weights(run: Run) -> None:
+    """Check that every trained adapter parameter is finite after the optimizer step just taken: one max-norm
+    per parameter (`torch._foreach_norm` with ord=inf, NaN propagates, no overflow: what torch's own
+    `clip_grad_norm_` uses) and one reduction, so one device sync per optimizer step. The loss of step N is
+    computed before update N, so a finite loss does not prove the weights it leaves are finite.
+
+    Raises:
+        TrainingDivergedError: names the modules with non-finite values (up to 10), the step, and the causes
+            and checkpoint to resume from, as for a NaN loss.
+    """
+    norms = torch._foreach_norm([p.detach() for p in run.params], float("inf"))
+    if not norms or bool(torch.stack(norms).isfinite().all()):
+        return
+    modules = [
+        f"{name}.{module}"
+        for name, model in run.adapters.items()
+        for module in non_finite_modules(get_adapter_state_dict(model, ADAPTER_NAME))
+    ]
+    shown = ", ".join(modules[:10]) + (f" and {len(modules) - 10} more" if len(modules) > 10 else "")
+    step, loss = run.state.global_step, run.result.last_loss
+    header = (
+        f"the adapter weights became NaN or infinite in the update of optimizer step {step} (its loss, "
+        f"{loss:.4g}, was finite), in {len(modules)} module(s): {shown}. Nothing of this step was saved. "
+        "Likely causes, most likely first:"
+    )
+    raise TrainingDivergedError(divergence_message(run, header, before_any_update=False))
 
 
 def nan_loss_message(run: Run, loss: float) -> str:
@@ -507,13 +568,26 @@ def nan_loss_message(run: Run, loss: float) -> str:
     likely first: fp16 overflow (only under fp16); at the first step, before any update, the base model or
     the data (not the learning rate); later, updates too large (learning rates, alpha, clipping off); then
     the data. With the last finite loss and the checkpoint to resume from with the fix."""
-    cfg, step = run.cfg, run.state.global_step
+    step, last = run.state.global_step, run.last_finite_loss
+    header = (
+        f"loss is {loss} at optimizer step {step}"
+        + (f" (last finite loss {last[1]:.4g} at step {last[0]})" if last else "")
+        + ". Likely causes, most likely first:"
+    )
+    return divergence_message(run, header, before_any_update=step == 1)
+
+
+def divergence_message(run: Run, header: str, *, before_any_update: bool) -> str:
+    """`header`, then the numbered likely causes of a divergence for this run's settings (see
+    `nan_loss_message`; `before_any_update`: no optimizer update was applied yet), then the newest complete
+    checkpoint to resume from with the fix."""
+    cfg = run.cfg
     causes = []
     if run.accelerator.mixed_precision == "fp16":
         causes.append(
             "fp16 overflow in the fp16 base model or VAE: set mixed_precision = 'bf16' (if the GPU has it) or 'no'"
         )
-    if step == 1:
+    if before_any_update:
         causes.append(
             "not the learning rate (no update was made yet): the base model (non-finite weights, or one that "
             "does not run in this precision) or the data"
@@ -529,12 +603,7 @@ def nan_loss_message(run: Run, loss: float) -> str:
             f"scaled by alpha/rank = {scaling}){clip}"
         )
         causes.append("the data: an image or caption the VAE or text encoder turns into non-finite values")
-    last = run.last_finite_loss
-    lines = [
-        f"loss is {loss} at optimizer step {step}"
-        + (f" (last finite loss {last[1]:.4g} at step {last[0]})" if last else "")
-        + ". Likely causes, most likely first:"
-    ]
+    lines = [header]
     lines += [f"  {i}. {cause}" for i, cause in enumerate(causes, start=1)]
     checkpoints = list_checkpoints(run.output_dir)
     if checkpoints:
@@ -556,7 +625,9 @@ def after_step(run: Run) -> None:
         record = make_run_record(
             current_settings(run), run.fingerprint, run.changes, step=step, started_at=run.started_at
         )
-        save_checkpoint(run.accelerator, run.output_dir, step, cfg.checkpoints_total_limit, record)
+        save_checkpoint(
+            run.accelerator, run.output_dir, step, cfg.checkpoints_total_limit, run.resumable, record
+        )
     if not run.is_main:
         return
     step_file = None
