@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import AdapterFileNotFoundError, ConfigError
+from .files import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -165,11 +166,14 @@ class AdapterConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `adapter_config.json` into `directory` (created if needed); return its path."""
+        """Write `adapter_config.json` into `directory` (created if needed), atomically; return its path.
+
+        Raises:
+            OutputWriteError: no space left, or no permission to write the folder.
+            OSError: any other error of the filesystem.
+        """
         path = Path(directory) / CONFIG_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> AdapterConfig:

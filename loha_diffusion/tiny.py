@@ -24,6 +24,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .files import atomic_directory
+
 Arch = Literal["sd1", "sdxl"]
 ARCHS: tuple[str, ...] = ("sd1", "sdxl")
 
@@ -92,15 +94,21 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def write_tiny_tokenizer(directory: str | Path) -> Path:
-    """Write a CLIP tokenizer (vocab.json, merges.txt and the saved tokenizer files) into `directory`."""
+    """Write a CLIP tokenizer (vocab.json, merges.txt and the saved tokenizer files) as the folder
+    `directory`, atomically (`files.atomic_directory`: an existing folder is replaced whole).
+
+    Raises:
+        OutputWriteError: no space left, or no permission to write the folder.
+        OSError: any other error of the filesystem.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = tiny_vocab_and_merges()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    # Round-trip through CLIPTokenizer so the folder also has tokenizer_config.json (model_max_length).
-    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(directory)
+    with atomic_directory(directory) as tmp:
+        (tmp / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        (tmp / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # Round-trip through CLIPTokenizer so the folder also has tokenizer_config.json (model_max_length).
+        CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(tmp)
     return directory
 
 
@@ -356,11 +364,22 @@ def build_tiny_pipeline(
 
 
 def save_tiny_pipeline(out_dir: str | Path, arch: Arch = "sd1", seed: int = 0) -> Path:
-    """Write a tiny pipeline as a normal diffusers folder (loadable offline with `from_pretrained(out_dir)`)."""
+    """Write a tiny pipeline as a normal diffusers folder (loadable offline with `from_pretrained(out_dir)`).
+
+    The folder is written atomically (`files.atomic_directory`): it appears complete or not at all, so a
+    killed `make-tiny` leaves no half model that a training run would then fail on; an existing `out_dir` is
+    replaced whole.
+
+    Raises:
+        ValueError: `arch` is not "sd1" or "sdxl".
+        OutputWriteError: no space left, or no permission to write the folder.
+        OSError: any other error of the filesystem.
+    """
     out_dir = Path(out_dir)
     pipe = build_tiny_pipeline(arch, seed=seed)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    # save_pretrained writes tokenizer.json; also keep the plain BPE files a person can read.
-    for name in ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",):
-        write_tiny_tokenizer(out_dir / name)
+    with atomic_directory(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # save_pretrained writes tokenizer.json; also keep the plain BPE files a person can read.
+        for name in ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",):
+            write_tiny_tokenizer(tmp / name)
     return out_dir

@@ -110,3 +110,80 @@ def test_kohya_peft_round_trip_with_weightless_models(tmp_path, sd1_loha, tiny_s
     original, returned = load_file(str(sd1_loha)), load_file(str(back))
     assert original.keys() == returned.keys()
     assert all(torch.equal(original[k], returned[k]) for k in original)
+
+
+def test_converted_files_carry_names_not_local_paths(tmp_path):
+    """Metadata another tool wrote with local paths (base model, VAE, dataset folders) is passed on as names
+    only, as kohya sd-scripts writes them; hub ids and other values are kept."""
+    import json
+
+    from conftest import write_kohya_file
+
+    from loha_diffusion.formats.kohya import read_metadata
+
+    source = tmp_path / "paths.safetensors"
+    write_kohya_file(
+        source,
+        build_tiny_pipeline("sd1"),
+        metadata={
+            "ss_base_model_version": "sd_v1",
+            "ss_sd_model_name": "/home/bob/models/sd15-pruned.safetensors",
+            "ss_vae_name": "C:\\Users\\bob\\vae\\kl-f8.ckpt",
+            "ss_output_name": "/home/bob/out/style",
+            "ss_dataset_dirs": json.dumps({"/home/bob/data/10_cat": {"n_repeats": 10, "img_count": 3}}),
+            "ss_tag_frequency": json.dumps({"/home/bob/data/10_cat": {"cat": 3}}),
+            "ss_training_comment": "made with care",
+        },
+    )
+    out = convert.convert_kohya(read_kohya(source), tmp_path / "out.safetensors", dtype=torch.float16).path
+    meta = read_metadata(out)
+    assert meta["ss_sd_model_name"] == "sd15-pruned" and meta["ss_vae_name"] == "kl-f8"
+    assert meta["ss_output_name"] == "style" and meta["ss_training_comment"] == "made with care"
+    assert json.loads(meta["ss_dataset_dirs"]) == {"10_cat": {"n_repeats": 10, "img_count": 3}}
+    assert json.loads(meta["ss_tag_frequency"]) == {"10_cat": {"cat": 3}}
+    assert not [v for v in meta.values() if "bob" in v]
+
+
+@pytest.mark.parametrize(
+    "value, name",
+    [
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ("sd15", "sd15"),
+        ("/data/models/my-model", "my-model"),
+        ("/data/models/my-model/", "my-model"),
+        ("~/models/sd15.safetensors", "sd15"),
+        ("./models/base", "base"),
+        ("D:/models/base.ckpt", "base"),
+        ("style / v2 / final", "style / v2 / final"),
+    ],
+)
+def test_public_name_keeps_hub_ids_and_reduces_paths(value, name):
+    from loha_diffusion.formats.kohya.metadata import public_name
+
+    assert public_name(value) == name
+
+
+def test_overwritten_peft_output_keeps_no_old_component(tmp_path, sd1_loha, tiny_sd1_pipeline_dir):
+    """A PEFT output folder is written whole: replacing one drops components the new adapter lacks, and a
+    failed write leaves the old folder as it was (no temporary folder left behind)."""
+    import shutil
+
+    kfile = read_kohya(sd1_loha)
+    out, unet_only = tmp_path / "peft", tmp_path / "unet_only"
+    convert.kohya_to_peft_folders(kfile, out, meta_models(tiny_sd1_pipeline_dir))
+    shutil.copytree(out / "unet", unet_only / "unet")
+    written = convert.peft_folder_to_peft(unet_only, out, meta_models(tiny_sd1_pipeline_dir))
+    assert written == ["unet"] and sorted(p.name for p in out.iterdir()) == ["unet"]
+    written = convert.peft_folder_to_peft(out, out, meta_models(tiny_sd1_pipeline_dir), dtype=torch.float16)
+    assert written == ["unet"]
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(convert, "save_peft", fail)
+        with pytest.raises(OSError, match="no space left"):
+            convert.peft_folder_to_peft(out, out, meta_models(tiny_sd1_pipeline_dir))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft", "unet_only"]

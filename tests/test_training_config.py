@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from loha_diffusion.errors import ConfigError
+from loha_diffusion.training import config as config_module
 from loha_diffusion.training.config import TrainConfig, load_config
 
 REQUIRED = ["--pretrained_model_name_or_path", "model", "--train_data_dir", "data", "--max_train_steps", "10"]
@@ -37,7 +40,8 @@ def test_flags_override_toml(tmp_path):
     )
 
 
-def test_kohya_aliases(tmp_path):
+def test_kohya_aliases(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "_installed", lambda module: True)  # --xformers: as if installed
     cfg = load_config(
         REQUIRED
         + ["--network_dim", "4", "--network_alpha", "2", "--conv_dim", "2", "--conv_alpha", "1"]
@@ -170,8 +174,91 @@ def test_parsing_imports_no_torch():
     import sys
 
     code = (
-        "import sys, loha_diffusion.training.config\n"
+        "import sys, loha_diffusion.training.config as c\n"
+        "c.load_config(['--pretrained_model_name_or_path', 'm', '--train_data_dir', 'd', '--max_train_steps', '1'])\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'transformers') if m in sys.modules))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("..", "is a path"),
+        (".", "is a path"),
+        ("sub/style", "is a path"),
+        ("../style", "is a path"),
+        ("/tmp/style", "is a path"),
+        ("sub\\style", "is a path"),
+        ("sty:le", "':'"),
+        ("style?", "'?'"),
+        ("sty\x00le", "'\\x00'"),
+        ("style.", "ends with"),
+        ("NUL", "device name"),
+        ("com1.v2", "device name"),
+        ("x" * 201, "at most 200"),
+    ],
+)
+def test_output_name_must_be_a_plain_file_name(name, problem):
+    """Refused at config validation, naming the setting, the problem and the fix."""
+    with pytest.raises(ConfigError) as info:
+        load_config(REQUIRED, output_name=name)
+    message = str(info.value)
+    assert "output_name" in message and problem in message
+    if problem != f"at most {config_module.MAX_FILE_NAME_BYTES}":
+        assert "plain file name" in message
+
+
+@pytest.mark.parametrize("name", ["my_style", "style-v2.1", "sks dog", "ünïcode", "a" * 200])
+def test_ordinary_output_names_are_accepted(name):
+    assert load_config(REQUIRED, output_name=name).name == name
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "out"
+    target.write_text("not a folder")
+    with pytest.raises(ConfigError, match="output_dir = .* is a file"):
+        load_config(REQUIRED, output_dir=str(target))
+    with pytest.raises(ConfigError, match=f"is inside {target}, which is a file"):
+        load_config(REQUIRED, output_dir=str(target / "run1"))
+
+
+def test_output_dir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root may write anywhere: let access() answer as for a normal user
+        real_access = os.access
+        monkeypatch.setattr(
+            config_module.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+        )
+    try:
+        with pytest.raises(
+            ConfigError, match=f"the folder {locked} that would hold output_dir is not writable"
+        ):
+            load_config(REQUIRED, output_dir=str(locked / "run"))
+        with pytest.raises(ConfigError, match="output_dir = .*: output_dir is not writable"):
+            load_config(REQUIRED, output_dir=str(locked))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_outputs_of_the_wrong_kind_are_refused(tmp_path):
+    """A folder where the exported file goes, a file where the PEFT folder or the tracker folder goes."""
+    (tmp_path / "style.safetensors").mkdir()
+    with pytest.raises(ConfigError, match="style.safetensors exists and is a folder.*change output_name"):
+        load_config(REQUIRED, output_dir=str(tmp_path), output_name="style")
+    (tmp_path / "other_peft").write_text("")
+    with pytest.raises(ConfigError, match="other_peft exists and is a file.*change output_name"):
+        load_config(REQUIRED, output_dir=str(tmp_path), output_name="other")
+    assert load_config(REQUIRED, output_dir=str(tmp_path), output_name="other", save_peft_format=False)
+    (tmp_path / "logs").write_text("")
+    with pytest.raises(ConfigError, match="logs exists and is a file.*change logging_dir"):
+        load_config(REQUIRED, output_dir=str(tmp_path), output_name="fresh")
+    fresh = tmp_path / "new" / "deeper"
+    assert load_config(REQUIRED, output_dir=str(fresh)).output_dir == str(fresh)  # created later, by the run

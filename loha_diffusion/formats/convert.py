@@ -21,9 +21,11 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import KohyaFormatError, PeftFormatError, format_problems
+from ..files import atomic_directory
 from ..utils import most_common
 from . import naming
 from .kohya import KohyaFile, ModuleTarget, kohya_name_map, load_kohya, write_kohya_file
+from .kohya.metadata import public_metadata
 from .peft import load_peft, peft_to_kohya, read_peft, save_peft
 
 UNET_NAME_STYLES = ("ldm", "diffusers")
@@ -220,7 +222,7 @@ def convert_kohya(
     progress: Callable[[str, float], None] | None = None,
 ) -> KohyaConversion:
     """Write `kfile` as a new Kohya file at `path` (atomically, with a fresh `sshs_model_hash`; the metadata is
-    kept, updated for a LoRA).
+    kept, updated for a LoRA, with local paths reduced to names by `formats.kohya.metadata.public_metadata`).
 
     Args:
         kfile: the file to convert (`read_kohya`).
@@ -253,7 +255,7 @@ def convert_kohya(
         raise KohyaFormatError("A conversion to LoRA needs the base model's layers (models=...).")
     names = renamed_modules(kfile, unet_names, models)
     dtype = dtype or next(iter(kfile.modules.values())).dtype
-    metadata = dict(kfile.metadata)
+    metadata = public_metadata(kfile.metadata)  # a path another tool wrote is not passed on
     errors: dict[str, float] = {}
     total = None
     if to == "lora":
@@ -365,7 +367,8 @@ def kohya_to_peft_folders(
     """Write `kfile` as PEFT adapter folders `out_dir/<component>/` (adapter_config.json +
     adapter_model.safetensors) for the components it has modules for. `models` (meta-device models do) give
     names and shapes; they get stand-in weights and keep the adapter (name "convert"). Returns the component
-    names written. `dtype` defaults to the file's.
+    names written. `dtype` defaults to the file's. The folder appears whole or not at all, replacing an existing
+    one.
 
     Raises:
         KohyaFormatError: the file does not fit `models` (names, shapes).
@@ -378,8 +381,7 @@ def kohya_to_peft_folders(
     stand_in_weights(models, paths)
     load_kohya(kfile, adapter_name=_ADAPTER_NAME, **models)
     dtype = dtype or next(iter(kfile.modules.values())).dtype
-    save_peft(out_dir, adapter_name=_ADAPTER_NAME, dtype=dtype, **models)
-    return sorted(p.parent.name for p in Path(out_dir).rglob("adapter_config.json"))
+    return _write_peft_folders(out_dir, models, dtype)
 
 
 def peft_folder_to_peft(
@@ -390,7 +392,8 @@ def peft_folder_to_peft(
     dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Rewrite the PEFT adapter(s) under `src` as `out_dir/<component>/` folders (e.g. one adapter folder into
-    the per-component layout, or another `dtype`). Returns the component names written.
+    the per-component layout, or another `dtype`), written whole (replacing an existing `out_dir`; `src` is read
+    first, so it may be `out_dir`). Returns the component names written.
 
     Raises:
         PeftFormatError: `src` holds no PEFT adapter, or it does not fit `models`.
@@ -398,5 +401,16 @@ def peft_folder_to_peft(
     """
     _stand_ins_for_peft(src, models)
     load_peft(src, adapter_name=_ADAPTER_NAME, **models)
-    save_peft(out_dir, adapter_name=_ADAPTER_NAME, dtype=dtype, **models)
-    return sorted(p.parent.name for p in Path(out_dir).rglob("adapter_config.json"))
+    return _write_peft_folders(out_dir, models, dtype)
+
+
+def _write_peft_folders(
+    out_dir: str | os.PathLike, models: Mapping[str, nn.Module], dtype: torch.dtype | None
+) -> list[str]:
+    """`save_peft` of the models' "convert" adapter as the folder `out_dir`, written whole
+    (`files.atomic_directory`: a kill leaves the old folder or the new one, and an overwritten folder keeps no
+    component of the old adapter). Returns the component names written."""
+    with atomic_directory(out_dir) as tmp:
+        save_peft(tmp, adapter_name=_ADAPTER_NAME, dtype=dtype, **models)
+        written = sorted(p.parent.name for p in tmp.rglob("adapter_config.json"))
+    return written

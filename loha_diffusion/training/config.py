@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -188,7 +190,10 @@ class TrainConfig:
     dry_run: bool = _f(False, "print the plan (modules, parameters, file size, steps) and exit")
 
     def validate(self) -> None:
-        """Check types, choices and ranges, and turn ints given for float fields into floats (in place).
+        """Check types, choices and ranges, and turn ints given for float fields into floats (in place); then
+        what can be checked before any model is loaded: `output_name` is a plain file name, the optional
+        packages the settings ask for are installed (`check_packages`), and the output folder can be written
+        (`check_output_paths`).
 
         Raises:
             ConfigError: the first bad key, with what it must be.
@@ -268,6 +273,10 @@ class TrainConfig:
             raise ConfigError("set max_train_steps or num_train_epochs (how long to train)")
         if self.resume_from_checkpoint == "":
             raise ConfigError("resume_from_checkpoint is empty; use 'latest' or a checkpoint folder")
+        if self.output_name is not None:
+            check_file_name(self.output_name, "output_name")
+        check_packages(self)
+        check_output_paths(self)
 
     # --- derived values (one place, so the loop, the plan and the exporters agree) ---
     @property
@@ -345,6 +354,134 @@ def parse_color(text: str, key: str = "background_color") -> tuple[int, int, int
         f"{key} = {text!r} is not a colour: use a name (white, black, gray, ...), '#rrggbb' or 'r,g,b' "
         "with values 0-255"
     )
+
+
+# Characters Windows refuses in file names (ComfyUI and A1111 users copy adapters there), and its device names.
+_FORBIDDEN_CHARACTERS = set('<>:"/\\|?*')
+_WINDOWS_DEVICE_NAMES = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"COM{i}" for i in range(1, 10)),
+    *(f"LPT{i}" for i in range(1, 10)),
+}
+# Room for ".safetensors"/"_peft" and the writer's temporary name (`.NAME.PID.HEX.tmp`) in 255 bytes.
+MAX_FILE_NAME_BYTES = 200
+# Optional packages a setting needs: (setting, value or None for "true"), import name, how to install it.
+OPTIONAL_PACKAGES = (
+    ("report_to", "wandb", ("wandb",), "`pip install wandb` (then `wandb login`)"),
+    ("report_to", "tensorboard", ("tensorboard", "tensorboardX"), "`pip install tensorboard`"),
+    (
+        "use_8bit_adam",
+        None,
+        ("bitsandbytes",),
+        "`pip install bitsandbytes` (or `pip install loha-diffusion[bnb]`)",
+    ),
+    (
+        "enable_xformers_memory_efficient_attention",
+        None,
+        ("xformers",),
+        "`pip install xformers` (matching your torch build)",
+    ),
+)
+_INSTEAD = {
+    "report_to": "or set report_to = 'none' (or another tracker)",
+    "use_8bit_adam": "or drop the flag to use torch AdamW",
+    "enable_xformers_memory_efficient_attention": "or drop the flag to use PyTorch SDPA attention (the default)",
+}
+
+
+def check_file_name(name: str, key: str) -> None:
+    """Refuse a file name stem that is not one plain file name on every system: empty, `.`/`..`, a path
+    separator, a character Windows refuses (`<>:"/\\|?*`, control characters), a trailing dot or space, a
+    Windows device name (CON, NUL, COM1, ...), or longer than `MAX_FILE_NAME_BYTES` bytes in UTF-8.
+
+    Raises:
+        ConfigError: naming `key`, what is wrong and the fix.
+    """
+    fix = f"give {key} a plain file name such as 'my_style' (the folder is output_dir)"
+    if not name.strip():
+        raise ConfigError(f"{key} is empty; {fix}")
+    if name in (".", "..") or any(sep and sep in name for sep in ("/", "\\", os.sep, os.altsep)):
+        raise ConfigError(f"{key} = {name!r} is a path, not a file name; {fix}")
+    bad = sorted({c for c in name if c in _FORBIDDEN_CHARACTERS or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ConfigError(
+            f"{key} = {name!r} contains {', '.join(map(repr, bad))}, not allowed in file names; {fix}"
+        )
+    if name[-1] in ". ":
+        raise ConfigError(f"{key} = {name!r} ends with {name[-1]!r} (Windows drops it); {fix}")
+    if name.split(".")[0].upper() in _WINDOWS_DEVICE_NAMES:
+        raise ConfigError(f"{key} = {name!r} is a Windows device name; {fix}")
+    if len(name.encode("utf-8")) > MAX_FILE_NAME_BYTES:
+        raise ConfigError(
+            f"{key} is {len(name.encode('utf-8'))} bytes long; use at most {MAX_FILE_NAME_BYTES}"
+        )
+
+
+def check_packages(cfg: TrainConfig) -> None:
+    """Refuse settings whose optional package is not installed (`OPTIONAL_PACKAGES`: a `report_to` tracker,
+    bitsandbytes for `use_8bit_adam`, xformers), before any model is loaded.
+
+    accelerate drops a tracker whose package is missing with a log line, and the run then fails where it first
+    uses it (the final validation grid, after the whole run); this makes that an error at start. Packages are
+    found the way accelerate looks for them (`importlib.util.find_spec`), without importing them.
+
+    Raises:
+        ConfigError: naming the setting, the package and the install command.
+    """
+    for key, value, modules, install in OPTIONAL_PACKAGES:
+        setting = getattr(cfg, key)
+        if (setting != value) if value is not None else not setting:
+            continue
+        if any(_installed(module) for module in modules):
+            continue
+        shown = f"{key} = {value!r}" if value is not None else key
+        raise ConfigError(f"{shown} needs {modules[0]}, which is not installed: {install}, {_INSTEAD[key]}.")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken package, or a module without a spec
+        return False
+
+
+def check_output_paths(cfg: TrainConfig) -> None:
+    """Refuse outputs that cannot be written, before any model is loaded: `output_dir` (or a folder above
+    it) is a file, or the folder that would hold it cannot be written; the tracker folder, the exported file
+    or the PEFT folder exists as the wrong kind (a folder where the file goes, a file where a folder goes).
+
+    Raises:
+        ConfigError: naming the setting, the path and the fix.
+    """
+    out = Path(cfg.output_dir).expanduser()
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == out else f"is inside {existing}, which is a file"
+        raise ConfigError(f"output_dir = {cfg.output_dir!r} {where}; choose a folder for the outputs")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        what = "output_dir" if existing == out else f"the folder {existing} that would hold output_dir"
+        raise ConfigError(
+            f"output_dir = {cfg.output_dir!r}: {what} is not writable (permission denied or a read-only "
+            "filesystem); choose a folder you can write, or fix its permissions"
+        )
+    wrong_kind = [
+        (out / cfg.logging_dir, True, "logging_dir"),
+        (out / f"{cfg.name}.safetensors", False, "output_name"),
+    ]
+    if cfg.save_peft_format:
+        wrong_kind.append((out / f"{cfg.name}_peft", True, "output_name"))
+    for path, folder, key in wrong_kind:
+        if path.exists() and path.is_dir() != folder:
+            kind = "a file" if folder else "a folder"
+            raise ConfigError(
+                f"{path} exists and is {kind}, where the run writes {'a folder' if folder else 'a file'}; "
+                f"move it away or change {key}"
+            )
 
 
 def _check(name: str, value: Any, ok, what: str) -> None:

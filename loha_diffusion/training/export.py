@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..formats.kohya import save_kohya
+from ..formats.kohya.metadata import public_name
 from ..formats.peft import save_peft
 from ..utils import torch_dtype
 from .config import TrainConfig
@@ -71,7 +72,9 @@ def training_metadata(
     "fp16", "bf16"); `started_at`/`finished_at` are Unix times in seconds (`finished_at` only for the final
     file). `cfg` holds the settings in force now: after a resume that changed `learning_rate`,
     `ss_learning_rate` is the new value, and `resume_changes` (`[{"after_step", "setting", "old", "new"}]`,
-    e.g. learning_rate 0.001 until step 4, then 1e-05) is written as JSON under `RESUME_CHANGES_KEY`."""
+    e.g. learning_rate 0.001 until step 4, then 1e-05) is written as JSON under `RESUME_CHANGES_KEY`.
+    Only names go into the file, never local paths: `sd_model_name` is the base model's hub id or folder name
+    (`formats.kohya.metadata.public_name`), the dataset keys are folder names."""
     return {
         "max_train_steps": schedule.max_train_steps,
         "resolution": cfg.resolution,
@@ -88,7 +91,8 @@ def training_metadata(
         "seed": cfg.seed,
         "noise_offset": cfg.noise_offset or None,
         "min_snr_gamma": cfg.snr_gamma,
-        "sd_model_name": cfg.pretrained_model_name_or_path,
+        # A name, not the local path: a published adapter must not carry its author's folders (kohya's rule).
+        "sd_model_name": public_name(cfg.pretrained_model_name_or_path),
         "prediction_type": prediction_type,
         **dataset_facts(summary.records),
         "steps": step,

@@ -7,12 +7,18 @@ Everything here reads a `TrainConfig`; the loop (`loop.py`) calls these steps in
 
 from __future__ import annotations
 
+import difflib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+import huggingface_hub
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
 from ..config import AdapterConfig, config_class
@@ -30,30 +36,135 @@ ADAPTER_NAME = "default"  # the trained adapter's name on the UNet and text enco
 MAX_SANE_TOKENS = 100_000  # a text encoder's token limit above this is transformers' "no limit" placeholder
 
 
-def load_with_hint(cfg: TrainConfig, loader: Callable[..., T]) -> T:
-    """Call `loader(revision=cfg.revision)` for the base model `cfg.pretrained_model_name_or_path`.
+HUB_PROBE_TIMEOUT_S = 5.0  # one request to the hub endpoint before a download (its own retries take minutes)
+HUB_PROBE_TTL_S = 60.0  # how long a probe's answer is reused (a run loads six components in a row)
+DEMO_MODEL_PATH = "outputs/tiny-sd"  # the tiny random-weight model of sample_configs/quickstart.toml
+_probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time.monotonic(), None or why unreachable)
+
+
+def base_model_options() -> str:
+    """What `pretrained_model_name_or_path` can be, for error messages (the `make-tiny` demo named as such)."""
+    return (
+        "Use one of:\n"
+        "  - a local diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/): "
+        "check the path for typos;\n"
+        "  - a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5', with network access, or with "
+        "HF_HUB_OFFLINE=1 once it is in the Hugging Face cache (an earlier online run puts it there);\n"
+        f"  - only to try the trainer offline (the demo of sample_configs/quickstart.toml): `loha-diffusion "
+        f"make-tiny {DEMO_MODEL_PATH}` writes a tiny model with RANDOM weights to {DEMO_MODEL_PATH}; it makes "
+        "noise, not images, and is no stand-in for a real base model."
+    )
+
+
+def hub_offline() -> bool:
+    """True when `HF_HUB_OFFLINE` (or transformers' `TRANSFORMERS_OFFLINE`) is set, now or when
+    huggingface_hub was imported (it reads the variable once, at import)."""
+    now = any(
+        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+    return now or bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def hub_unreachable() -> str | None:
+    """None when the hub endpoint (`huggingface_hub.constants.ENDPOINT`, `HF_ENDPOINT` for a mirror) answers
+    one request within `HUB_PROBE_TIMEOUT_S` seconds, else why not. The answer is reused for
+    `HUB_PROBE_TTL_S` seconds.
+
+    huggingface_hub retries every file of a download on network errors (5 times, with back-off): a hub id
+    without network takes minutes and hundreds of warnings before it fails. One quick request first lets the
+    loaders fall back to the local cache at once instead.
+    """
+    endpoint = hf_constants.ENDPOINT
+    checked = _probes.get(endpoint)
+    if checked is not None and time.monotonic() - checked[0] < HUB_PROBE_TTL_S:
+        return checked[1]
+    try:
+        # The hub's own HTTP session (its proxies, certificates and client factory). Any answer, even an
+        # error status, means the hub can be reached.
+        huggingface_hub.get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+        reason = None
+    except Exception as exc:  # its transport errors are requests', httpx's... by huggingface_hub version
+        reason = f"{type(exc).__name__}: {exc}"
+    _probes[endpoint] = (time.monotonic(), reason)
+    return reason
+
+
+def _looks_local(path: str) -> bool:
+    """True for what can only be a local path: absolute, `./`, `~`, a Windows path, more than one `/`, a first
+    folder that exists here (`outputs/tiny-sd`), or not a valid hub id."""
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    if "/" in path and os.path.isdir(path.split("/")[0]):
+        return True
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _close_folder(path: str) -> str:
+    """`; did you mean '<folder>'?` for a folder beside the missing `path` with a similar name, else ''."""
+    missing = Path(os.path.expanduser(path))
+    parent = missing.parent
+    if not parent.is_dir():
+        return f" (nor does the folder {str(parent)!r} that would hold it)"
+    try:
+        names = [entry.name for entry in parent.iterdir() if entry.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(missing.name, names, n=1)
+    return f"; did you mean {str(parent / close[0])!r}?" if close else ""
+
+
+def resolve_base_model(path: str, revision: str | None = None) -> str:
+    """Where to load the base model `path` from without waiting on the network: `path` itself when it is a
+    local folder or a hub id the hub can be reached for, else the model's folder in the local Hugging Face
+    cache (with `HF_HUB_OFFLINE` set, or when `hub_unreachable`).
 
     Raises:
-        ConfigError: the path looks local and does not exist (with the `loha-diffusion make-tiny` command for
-            the offline quick start), or `loader` raised `OSError` (not found, unreachable hub, missing
-            file); the message says what a base model folder holds.
+        ConfigError: `path` is a local path that does not exist, or a hub id that is not in the local cache
+            while offline or the hub cannot be reached; the message lists `base_model_options`.
+    """
+    if os.path.exists(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if _looks_local(path):
+        raise ConfigError(
+            f"pretrained_model_name_or_path = {path!r} does not exist{_close_folder(path)}.\n"
+            f"{base_model_options()}"
+        )
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
+    if why is None:
+        return path
+    try:
+        return huggingface_hub.snapshot_download(path, revision=revision, local_files_only=True)
+    except OSError:  # LocalEntryNotFoundError: not in the cache
+        rev = f" at revision {revision!r}" if revision else ""
+        raise ConfigError(
+            f"cannot load the base model {path!r}{rev}: {why}, and it is not in the local Hugging Face cache "
+            f"({hf_constants.HF_HUB_CACHE}); no folder {path!r} exists here either.\n{base_model_options()}"
+        ) from None
+
+
+def load_with_hint(cfg: TrainConfig, loader: Callable[..., T]) -> T:
+    """Call `loader(source, revision=cfg.revision)` for the base model `cfg.pretrained_model_name_or_path`,
+    `source` being where `resolve_base_model` says to read it from (a local folder, the hub id, or its folder
+    in the local cache when offline).
+
+    Raises:
+        ConfigError: as `resolve_base_model` (a missing local path, a hub id offline and not cached), or
+            `loader` raised `OSError` (repository or file not found, missing component); the message lists
+            `base_model_options`.
     """
     path = cfg.pretrained_model_name_or_path
-    # "org/name" may be a hub id; a path whose first folder exists here (e.g. outputs/tiny-sd) is local.
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(
-            f"pretrained_model_name_or_path {path!r} does not exist. For the offline quick start create it with "
-            f"`loha-diffusion make-tiny {path}`."
-        )
+    source = resolve_base_model(path, cfg.revision)
     try:
-        return loader(revision=cfg.revision)
+        return loader(source, revision=cfg.revision)
     except OSError as exc:
         raise ConfigError(
             f"cannot load the base model from pretrained_model_name_or_path = {path!r} "
-            f"(revision {cfg.revision!r}): {exc}\nUse a local diffusers folder (model_index.json, unet/, vae/, "
-            f"text_encoder/, tokenizer/, scheduler/) or a hub id you can reach; offline, make a tiny one with "
-            f"`loha-diffusion make-tiny {path}`."
+            f"(revision {cfg.revision!r}): {exc}\n{base_model_options()}"
         ) from None
 
 
@@ -81,7 +192,7 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
 
     path = cfg.pretrained_model_name_or_path
     tokenizer = load_with_hint(
-        cfg, lambda **kw: CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        cfg, lambda source, **kw: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
     )
     # transformers 5 builds an empty tokenizer (2 tokens, no length limit) from a missing folder.
     if len(tokenizer) <= 2 or tokenizer.model_max_length > MAX_SANE_TOKENS:
@@ -112,16 +223,18 @@ def load_models(cfg: TrainConfig, tokenizer: Any | None = None) -> Models:
     models = Models(
         tokenizer=tokenizer if tokenizer is not None else load_tokenizer(cfg),
         text_encoder=load_with_hint(
-            cfg, lambda **kw: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights, **kw)
+            cfg,
+            lambda src, **kw: CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights, **kw),
         ),
         vae=load_with_hint(
-            cfg, lambda **kw: AutoencoderKL.from_pretrained(path, subfolder="vae", **weights, **kw)
+            cfg, lambda src, **kw: AutoencoderKL.from_pretrained(src, subfolder="vae", **weights, **kw)
         ),
         unet=load_with_hint(
-            cfg, lambda **kw: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights, **kw)
+            cfg,
+            lambda src, **kw: UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights, **kw),
         ),
         noise_scheduler=load_with_hint(
-            cfg, lambda **kw: DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+            cfg, lambda src, **kw: DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
         ),
     )
     if models.unet.config.get("addition_embed_type") is not None:
@@ -142,7 +255,7 @@ def load_meta_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
     """
     components = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
     path = cfg.pretrained_model_name_or_path
-    models = load_with_hint(cfg, lambda **kw: meta_models(path, components=components, **kw))
+    models = load_with_hint(cfg, lambda src, **kw: meta_models(src, components=components, **kw))
     if cfg.train_text_encoder and "text_encoder" not in models:
         raise ConfigError(f"train_text_encoder is set but {path} has no text_encoder.")
     return models["unet"], models.get("text_encoder")

@@ -13,8 +13,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..files import atomic_path
 from ..pipeline import list_adapters, load_adapter, unload_adapter
 from .data import ImageRecord, load_image, transform_image
+from .models import resolve_base_model
 from .step import derive_seed, encode_latents, prediction_target
 
 logger = logging.getLogger(__name__)
@@ -76,12 +78,19 @@ class Validator:
         self._pipe = None
 
     def pipeline(self):
-        """The validation pipeline (built on first use)."""
+        """The validation pipeline (built on first use), read from where `models.resolve_base_model` says: the
+        local folder, the hub, or the local cache when offline or the hub cannot be reached (no minutes of
+        download retries at the end of a run).
+
+        Raises:
+            ConfigError: the base model is a hub id that cannot be reached and is not in the local cache.
+            OSError: the base model cannot be read.
+        """
         if self._pipe is None:
             from diffusers import StableDiffusionPipeline
 
             self._pipe = StableDiffusionPipeline.from_pretrained(
-                self.model_path,
+                resolve_base_model(self.model_path, self.revision),
                 revision=self.revision,
                 variant=self.variant,
                 vae=self.vae,
@@ -99,10 +108,12 @@ class Validator:
         """Load `adapter_file`, render every prompt `images_per_prompt` times, save the grid; returns it and its path.
 
         The grid has one row per prompt and `images_per_prompt` columns of `resolution` x `resolution` pixels;
-        it is saved as `<output_dir>/validation/step-<step:06d>.png`.
+        it is saved (atomically) as `<output_dir>/validation/step-<step:06d>.png`.
 
         Raises:
-            LoHaDiffusionError: `load_adapter` cannot load `adapter_file`.
+            LoHaDiffusionError: `load_adapter` cannot load `adapter_file`; the base model cannot be reached
+                (`ConfigError`); the grid cannot be written for lack of space or permission
+                (`OutputWriteError`).
             OSError: the base model cannot be read, or the grid cannot be written.
         """
         pipe = self.pipeline()
@@ -126,8 +137,8 @@ class Validator:
             ).images
         grid = make_grid(images, self.images_per_prompt)
         path = self.output_dir / "validation" / f"step-{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        with atomic_path(path) as tmp:
+            grid.save(tmp, format="PNG")  # the temporary name has no .png suffix to infer it from
         return grid, path
 
 

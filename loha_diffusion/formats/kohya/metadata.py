@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import time
 from collections import Counter
@@ -47,6 +48,56 @@ TRAINING_INFO_KEYS = {
     "sd_model_name": "ss_sd_model_name",
     "prediction_type": "modelspec.prediction_type",
 }
+# Keys whose value names a model or file: written as a name, never as the writer's local path.
+NAME_KEYS = ("ss_sd_model_name", "ss_vae_name", "ss_output_name", "modelspec.title")
+# Keys holding JSON objects keyed by dataset folder (kohya writes the folder's name).
+FOLDER_KEYED_KEYS = ("ss_dataset_dirs", "ss_tag_frequency")
+_MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def public_name(value: str) -> str:
+    """The name to publish for a model given as `value`: a hub id (`org/name`) as it is, a local path as its
+    final folder name, or its file name without a model-file suffix (`/home/me/models/sd15.safetensors` ->
+    `sd15`), so a shared adapter does not carry its author's directory layout.
+
+    This is kohya sd-scripts' rule (train_network.py: `ss_sd_model_name` is `os.path.basename` of an existing
+    path; the dataset folders' base names in `ss_dataset_dirs`); a path that no longer exists is recognised by
+    its form (absolute, `~`, `./`, `../`, a drive letter or a backslash, or more than one `/` and no space)."""
+    text = value.strip()
+    if not text:
+        return value
+    is_path = (
+        os.path.exists(os.path.expanduser(text))
+        or text.startswith(("/", "~", "./", "../"))
+        or "\\" in text
+        or re.match(r"[A-Za-z]:/", text) is not None
+        or (text.count("/") > 1 and " " not in text)
+    )
+    if not is_path:
+        return value
+    name = text.replace("\\", "/").rstrip("/").rpartition("/")[2]
+    for suffix in _MODEL_FILE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name or value
+
+
+def public_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """`metadata` (string values, as in a file) with local paths reduced to names (`public_name`): the model
+    and output name keys (`NAME_KEYS`) and the folder keys of `ss_dataset_dirs` / `ss_tag_frequency`. Other
+    values are kept as they are (a value that is not valid JSON is left alone)."""
+    out = dict(metadata)
+    for key in NAME_KEYS:
+        if isinstance(out.get(key), str):
+            out[key] = public_name(out[key])
+    for key in FOLDER_KEYED_KEYS:
+        try:
+            folders = json.loads(out[key]) if isinstance(out.get(key), str) else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(folders, dict):
+            out[key] = json.dumps({public_name(str(k)): v for k, v in folders.items()})
+    return out
 
 
 def addnet_hash(data: bytes) -> str:
@@ -93,7 +144,8 @@ def kohya_metadata(
         timestamp: seconds since the epoch for `modelspec.date` (default: now).
 
     Returns:
-        key -> string value (dicts/lists as JSON). `ss_network_dim`/`ss_network_alpha` are the most common
+        key -> string value (dicts/lists as JSON), local paths reduced to names (`public_metadata`).
+        `ss_network_dim`/`ss_network_alpha` are the most common
         rank/alpha of the Linear (and 1x1) modules, `conv_dim`/`conv_alpha` of the kxk convs; the network module
         is the kind's own sd-scripts module when it has one (`Adapter.kohya_network_module`), else
         `lycoris.kohya` with the kind's `algo`.
@@ -123,7 +175,7 @@ def kohya_metadata(
     out.update(_training_fields(training_info or {}))
     for key, value in (metadata or {}).items():
         out[key] = value
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()}
+    return public_metadata({k: v if isinstance(v, str) else json.dumps(v) for k, v in out.items()})
 
 
 def _network_fields(adapters: Mapping[str, tuple[Adapter, nn.Module]]) -> dict[str, str]:
