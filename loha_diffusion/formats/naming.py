@@ -10,6 +10,7 @@ Pure name logic: no tensors, no models beyond reading a UNet's config.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,6 +48,9 @@ PORTABLE_TE_SUBLAYERS = (
     "mlp_fc2",
 )
 TE_ATTENTION_SUBLAYERS = PORTABLE_TE_SUBLAYERS[:4]
+# Text-encoder modules that live beside ``text_model``, not inside it (transformers' CLIPTextModelWithProjection);
+# their Kohya names have no ``text_model_`` (OneTrainer writes ``lora_te2_text_projection``, ComfyUI maps it).
+TE_TOP_LEVEL_MODULES = ("text_projection",)
 
 _SD1_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD1_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -256,8 +260,21 @@ def text_encoder_relative_path(path: str) -> str:
 
 
 def text_encoder_kohya_name(path: str, prefix: str) -> str:
-    """Kohya name of a CLIP text-encoder module, always ``<prefix>_text_model_encoder_layers_N_...``."""
-    return to_kohya(prefix, "text_model." + text_encoder_relative_path(path))
+    """Kohya name of a CLIP text-encoder module: ``<prefix>_text_model_<path below text_model>`` (e.g.
+    ``lora_te1_text_model_encoder_layers_0_mlp_fc1``), and for the modules outside ``text_model``
+    (``CLIPTextModelWithProjection.text_projection``) ``<prefix>_<path>``: ``lora_te2_text_projection`` is the name
+    OneTrainer writes and ComfyUI maps to clip_g's projection (``comfy/lora.py``, ``model_lora_keys_clip``)."""
+    relative = text_encoder_relative_path(path)
+    if relative in TE_TOP_LEVEL_MODULES:
+        return to_kohya(prefix, relative)
+    return to_kohya(prefix, "text_model." + relative)
+
+
+def legacy_text_encoder_kohya_name(path: str, prefix: str) -> str | None:
+    """The name loha_diffusion wrote before `text_encoder_kohya_name` knew the modules outside ``text_model``
+    (``lora_te2_text_model_text_projection``, which no loader maps), None for modules whose name did not change."""
+    relative = text_encoder_relative_path(path)
+    return to_kohya(prefix, "text_model." + relative) if relative in TE_TOP_LEVEL_MODULES else None
 
 
 def text_encoder_prefixes(count: int) -> tuple[str, ...]:
@@ -333,3 +350,70 @@ def partial_attention(names: Iterable[str], prefix: str) -> list[str]:
         for i, s in sorted(per_layer.items())
         if len(s) != len(TE_ATTENTION_SUBLAYERS)
     ]
+
+
+# -- diffusers module paths without a model (files in diffusers/PEFT layouts) ---------------------------------
+
+# First path component of the modules of a diffusers UNet2DConditionModel and of a transformers CLIP text model
+# (`CLIPTextModel` in transformers 5 has `encoder`/`embeddings`/`final_layer_norm` at the top, older versions and
+# `CLIPTextModelWithProjection` `text_model` and `text_projection`).
+UNET_ROOTS = frozenset(
+    {
+        "conv_in",
+        "conv_out",
+        "conv_norm_out",
+        "time_embedding",
+        "add_embedding",
+        "class_embedding",
+        "encoder_hid_proj",
+        "down_blocks",
+        "mid_block",
+        "up_blocks",
+    }
+)
+TE_ROOTS = frozenset({"text_model", "encoder", "embeddings", "final_layer_norm", "text_projection"})
+
+# Diffusers UNet paths only one of the two layouts has (docs/kohya-format.md section 2.3): SDXL has 3 levels, no
+# attention at level 0 of the down path but at level 0 of the up path, 2-10 transformer blocks per attention and
+# the text-time embedding; SD1/SD2 have 4 levels, attention at down level 0 and at up levels 1-3, one block each.
+_SDXL_PATHS = re.compile(r"transformer_blocks\.[1-9]|^add_embedding|^up_blocks\.0\.attentions")
+_SD1_PATHS = re.compile(
+    r"^(down|up)_blocks\.3\.|^down_blocks\.0\.attentions|^up_blocks\.2\.upsamplers|^down_blocks\.2\.downsamplers"
+)
+
+
+def diffusers_component(path: str) -> str | None:
+    """ "unet" or "text_encoder" for a module path of a diffusers UNet or a CLIP text model (by its first
+    component, `UNET_ROOTS` / `TE_ROOTS`), None for anything else."""
+    root = path.split(".", 1)[0]
+    if root in UNET_ROOTS:
+        return "unet"
+    if root in TE_ROOTS:
+        return "text_encoder"
+    return None
+
+
+def guess_unet_architecture(paths: Iterable[str]) -> Arch | None:
+    """ "sdxl" or "sd1" when diffusers UNet module paths name blocks only that layout has (SD2 shares SD1's
+    blocks and names), None when they name neither or both."""
+    paths = list(paths)
+    sdxl = any(_SDXL_PATHS.search(p) for p in paths)
+    sd1 = any(_SD1_PATHS.search(p) for p in paths)
+    if sdxl == sd1:
+        return None
+    return "sdxl" if sdxl else "sd1"
+
+
+def standard_layout(arch: Arch) -> UNetLayout:
+    """The block layout of the SD1.x/SD2.x or SDXL UNet (what the LDM names of a file without a model follow).
+
+    Raises:
+        ValueError: an unknown `arch`.
+    """
+    if arch in ("sd1", "sd2"):
+        down, up = _SD1_DOWN, _SD1_UP
+    elif arch == "sdxl":
+        down, up = _SDXL_DOWN, _SDXL_UP
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; use 'sd1', 'sd2' or 'sdxl'")
+    return UNetLayout.from_config({"down_block_types": down, "up_block_types": up, "layers_per_block": 2})
