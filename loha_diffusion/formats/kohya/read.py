@@ -33,7 +33,7 @@ from ...adapters import (
     kind_titles,
 )
 from ...errors import AdapterFileNotFoundError, KohyaFormatError, LoHaDiffusionError
-from .. import naming
+from .. import foreign, naming
 
 # The Kohya tensor names of each kind, as the adapter classes declare them (kept for callers of the old module).
 LOHA_TENSORS = LoHaAdapter.file_tensors
@@ -229,6 +229,9 @@ def parse_kohya_state_dict(
     and classify each one; problems are recorded, not raised (see `KohyaFile.all_problems`).
 
     Tensors are kept as given (same objects: dtype, device); `metadata` values are strings."""
+    # Files in other tools' layouts (diffusers/PEFT LoRA, A1111's bundled embeddings, ...) under Kohya names, or
+    # a KohyaFormatError naming a format that holds no SD adapter (formats/foreign.py).
+    state_dict, metadata = foreign.as_kohya_layout(state_dict, metadata)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
     for key, tensor in state_dict.items():
