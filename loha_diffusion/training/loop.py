@@ -417,7 +417,9 @@ def train_epochs(run: Run, stop_at_step: int | None) -> bool:
     first_epoch = state.global_step // schedule.update_steps_per_epoch
     skip_batches = (state.global_step % schedule.update_steps_per_epoch) * run.cfg.gradient_accumulation_steps
     begin_loop(run)
-    run.epoch = first_epoch
+    # A resume at the last step of the run (its final export was interrupted) trains no epoch: the file is then
+    # of the last epoch, as in the uninterrupted run, not of one past the end.
+    run.epoch = min(first_epoch, schedule.num_epochs - 1)
     for epoch in range(first_epoch, schedule.num_epochs):
         run.epoch = epoch
         if state.global_step >= schedule.max_train_steps:
