@@ -52,7 +52,7 @@ from ..model import (
 from ..targeting import find_target_modules
 from ..utils import most_common
 from .kohya import load_kohya, save_kohya
-from .kohya.load import _unwrap, delta_peak
+from .kohya.load import MAX_DELTA, _unwrap, delta_peak
 from .kohya.read import MAX_ALPHA, read_safetensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -570,7 +570,7 @@ def _load_one(
         if over:
             raise PeftFormatError(
                 format_problems(
-                    f"{directory}: deltas beyond the range of their layers' dtype (they would output Inf)",
+                    f"{directory}: deltas beyond float16's range (Inf in half precision); nothing was changed",
                     [("modules", over)],
                     ["use an earlier checkpoint, or pass allow_non_finite=True to load it anyway"],
                 )
@@ -586,17 +586,15 @@ def _load_one(
 
 
 def _overflowing_adapters(model: nn.Module, adapter_name: str, scale: float) -> list[str]:
-    """Modules whose delta (times `scale`) is not finite or exceeds their base layer's dtype range."""
+    """Modules whose delta (times `scale`) is not finite or exceeds float16's range (`kohya.load.MAX_DELTA`)."""
     found = []
     for path, layer in adapter_layers(model).items():
         if adapter_name not in layer.adapters:
             continue
-        dtype = layer.base_layer.weight.dtype
-        limit = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
-        peak = delta_peak(layer.adapters[adapter_name], limit / max(abs(scale), 1e-30))
+        peak = delta_peak(layer.adapters[adapter_name], MAX_DELTA / max(abs(scale), 1e-30))
         if peak is not None:
             found.append(
-                f"{path}: the delta reaches {peak * abs(scale):.3g}, beyond {dtype}'s range ({limit:.6g})"
+                f"{path}: the delta reaches {peak * abs(scale):.3g}, beyond float16's range ({MAX_DELTA:g})"
             )
     return found
 
@@ -645,7 +643,7 @@ def load_peft(
     tensors must match one to one. Factors are fp32 on each layer's device. A refused call leaves every model as
     it was (module tree, weights and `requires_grad`). Every config field is checked (`peft_config_problems`),
     and the tensors against the shapes the config gives each targeted layer, before any factor is allocated;
-    NaN/Inf factors and deltas beyond the layer dtype's range are refused unless `allow_non_finite=True`.
+    NaN/Inf factors and deltas beyond float16's range are refused unless `allow_non_finite=True`.
 
     Raises:
         AdapterNameError: `adapter_name` breaks the name rule (`layers.check_adapter_name`) or is already used.
@@ -675,13 +673,16 @@ def load_peft(
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}.")
     done: list[nn.Module] = []
+    flags = [(p, p.requires_grad) for m in plan.values() for p in m.parameters()]
     try:
         for path, target in plan.items():
             _load_one(path, target, adapter_name, scale, allow_non_finite)
             done.append(target)
     except Exception:
-        for target in done:  # all or nothing
+        for target in done:  # all or nothing: no adapter, and the flags injecting froze thawed again
             delete_adapter(target, adapter_name)
+        for param, flag in flags:
+            param.requires_grad_(flag)
         raise
     return adapter_name
 

@@ -121,8 +121,8 @@ def load_kohya(
         adapter_name: the new adapter's name (`layers.check_adapter_name`), unused on the given models.
         scale: the user multiplier of the new adapter (a finite number).
         allow_non_finite: load modules with NaN/Inf factors, an alpha that is NaN, infinite, negative or beyond
-            float16's range, or a delta beyond the range of its layer's dtype (refused by default: ComfyUI and
-            A1111 would produce NaN/black images from them).
+            float16's range, or a delta beyond float16's range (`MAX_DELTA`, 65,504). Refused by default: they
+            give NaN/Inf (black) images here and in ComfyUI/A1111.
 
     Raises:
         AdapterNameError: `adapter_name` breaks the name rule or is already used on a given model.
@@ -154,7 +154,7 @@ def load_kohya(
     names = kohya_name_map(unet, text_encoder, text_encoder_2)
     bad_modules = [f"{m.name}: {p}" for m in kfile.modules.values() for p in m.problems]
     built, unmatched, shape_errors, duplicates = _build_adapters(kfile, names)
-    bad_values = [] if allow_non_finite else kfile.value_problems + _overflowing(built, given, scale)
+    bad_values = [] if allow_non_finite else kfile.value_problems + _overflowing(built, scale)
 
     if kfile.problems or bad_modules or unmatched or shape_errors or duplicates or bad_values:
         hints = _mismatch_hints(kfile, unet, text_encoder, text_encoder_2, unmatched)
@@ -236,22 +236,20 @@ def delta_peak(adapter: Adapter, limit: float) -> float | None:
     return peak if peak > limit else None
 
 
-def _overflowing(
-    built: dict[tuple[str, str], Adapter], models: dict[str, nn.Module], scale: float
-) -> list[str]:
-    """Adapters whose ΔW (user `scale` applied) is not finite or exceeds the largest value of their layer's
-    dtype (float16: 65,504): merged or applied, that layer would output Inf."""
+# The largest delta a module may have: float16's largest value. SD weights are O(1); a delta beyond this is
+# Inf in ComfyUI/A1111 running half precision (and in an fp16 model here), whatever the model's dtype now.
+MAX_DELTA = float(torch.finfo(torch.float16).max)
+
+
+def _overflowing(built: dict[tuple[str, str], Adapter], scale: float) -> list[str]:
+    """Adapters whose ΔW (user `scale` applied) is not finite or exceeds `MAX_DELTA` (float16's range)."""
     found = []
     for (component, path), adapter in built.items():
-        weight = models[component].get_submodule(path)
-        weight = getattr(weight, "base_layer", weight).weight
-        limit = torch.finfo(weight.dtype).max if weight.dtype.is_floating_point else torch.finfo().max
-        peak = delta_peak(adapter, limit / max(abs(scale), 1e-30))
+        peak = delta_peak(adapter, MAX_DELTA / max(abs(scale), 1e-30))
         if peak is not None:
-            dtype = str(weight.dtype).removeprefix("torch.")
             found.append(
-                f"{component}.{path}: the delta reaches {peak * abs(scale):.3g}, beyond {dtype}'s range "
-                f"({limit:.6g}) at scale {scale:g}"
+                f"{component}.{path}: the delta reaches {peak * abs(scale):.3g} at scale {scale:g}, beyond "
+                f"float16's range ({MAX_DELTA:g}): Inf in half precision"
             )
     return found
 
