@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .errors import (
     AdapterNotFoundError,
     LoHaDiffusionError,
 )
+from .formats import embeddings
 from .formats.kohya import load_kohya
 from .formats.peft import load_peft
 from .layers import check_adapter_name
@@ -94,7 +96,10 @@ def load_adapter(
     The name defaults to the file name. The adapter's factors are kept in fp32 on each component's device
     (its delta is cast to the component's dtype when applied); `scale` is its strength (1.0 = as trained).
     Every key must map to a module of this pipeline with the right shapes; otherwise one error lists the
-    problems and the pipeline is left unchanged (module tree and weights identical).
+    problems and the pipeline is left unchanged (module tree and weights identical). Files in diffusers' or
+    PEFT's LoRA layout load too (`formats.foreign`); textual-inversion embeddings bundled in the file (A1111's
+    `bundle_emb.<name>.*`) are loaded into the tokenizer(s) and text encoder(s) as the token `<name>` (diffusers'
+    `load_textual_inversion`; they stay when the adapter is deleted: `pipe.unload_textual_inversion(name)`).
 
     Raises:
         AdapterFileNotFoundError: `path` does not exist (also a `FileNotFoundError`).
@@ -118,13 +123,31 @@ def load_adapter(
     if path.is_dir():
         load_peft(path, adapter_name=adapter_name, scale=scale, **components)
     elif path.suffix == ".safetensors":
-        load_kohya(path, adapter_name=adapter_name, scale=scale, **components)
+        _load_kohya_file(pipe, path, adapter_name, scale, components)
     else:
         raise LoHaDiffusionError(
             f"{str(path)!r} is neither a .safetensors file (Kohya/LyCORIS format) nor a folder with "
             "adapter_config.json (PEFT format)."
         )
     return adapter_name
+
+
+def _load_kohya_file(
+    pipe: Any, path: Path, adapter_name: str, scale: float, components: dict[str, nn.Module]
+) -> None:
+    """`load_kohya`, then the textual-inversion embeddings the file bundles (A1111's `bundle_emb.*`) into the
+    tokenizer(s) and text encoder(s) as A1111 does (`formats.embeddings`; those A1111 skips are skipped with a
+    warning). If an embedding fails to load, the adapter is removed again before the error propagates."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", embeddings.BundledEmbeddingWarning)  # loaded below, not dropped
+        load_kohya(path, adapter_name=adapter_name, scale=scale, **components)
+    try:
+        embeddings.load_embeddings(
+            pipe, embeddings.plan_embeddings(pipe, embeddings.read_bundled_embeddings(path))
+        )
+    except Exception:
+        delete_adapter(pipe, adapter_name)
+        raise
 
 
 def set_adapter_scales(pipe: Any, scales: dict[str, float]) -> None:

@@ -133,6 +133,8 @@ def _skip_reason(pipe: Any, embedding: BundledEmbedding) -> str | None:
     """Why A1111 would skip this embedding on this pipeline (shape, layout, name taken), None if it fits."""
     if embedding.problems:
         return "; ".join(embedding.problems)
+    if not hasattr(pipe, "load_textual_inversion"):
+        return f"{type(pipe).__name__} has no load_textual_inversion (diffusers' TextualInversionLoaderMixin)"
     two_encoders = getattr(pipe, "text_encoder_2", None) is not None
     if embedding.is_sdxl != two_encoders:
         kind = "an SDXL (clip_l + clip_g)" if embedding.is_sdxl else "a one-encoder (SD1/SD2)"

@@ -111,7 +111,10 @@ def _locate(module: str) -> tuple[str | None, str]:
 
 def _normalise(component: str | None, path: str) -> str:
     """The model's module path for diffusers' older names: `<attention>.to_q_lora` (attention processors) and
-    `to_out` (ComfyUI's key map strips the `.0`)."""
+    `to_out` (ComfyUI's key map strips the `.0`); an `alpha` beside `lora_linear_layer` / `lora` belongs to the
+    module."""
+    for wrapper in (".lora_linear_layer", ".lora"):
+        path = path.removesuffix(wrapper)
     parent, _, leaf = path.rpartition(".")
     if leaf.endswith("_lora"):
         leaf = leaf[: -len("_lora")]
