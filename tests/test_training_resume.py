@@ -15,11 +15,13 @@ from safetensors.torch import load_file
 from test_training_loop import base_flags, make_dataset
 
 from loha_diffusion.formats.kohya import read_metadata
+from loha_diffusion.training import loop
 from loha_diffusion.training.checkpoint import (
     RUN_RECORD,
     dataset_changes,
     dataset_fingerprint,
     read_checkpoint_state,
+    verify_checkpoint,
 )
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.loop import main, train
@@ -176,3 +178,39 @@ def test_zero_terminal_snr_with_min_snr_stays_finite(tiny_sd1_pipeline_dir, tmp_
     flags = base_flags(model, data, tmp_path / "out", train_batch_size="4", snr_gamma="5")
     result = train(load_config(flags + ["--max_train_steps", "3"]))
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.last_loss))
+
+
+def test_non_finite_weights_stop_the_run_before_anything_is_saved(
+    tiny_sd1_pipeline_dir, tmp_path, monkeypatch, capsys
+):
+    """The update of the last step makes a weight NaN (its loss was finite): the run exits with an error
+    naming the step and module; neither a checkpoint nor a file of that state is written, and the last good
+    checkpoint and step file are untouched."""
+    original = loop.train_step
+
+    def poisoning_step(run, batch):
+        stepped = original(run, batch)
+        if stepped and run.state.global_step + 1 == 4:
+            with torch.no_grad():
+                run.params[0].view(-1)[0] = float("nan")
+        return stepped
+
+    monkeypatch.setattr(loop, "train_step", poisoning_step)
+    data = make_dataset(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    flags = base_flags(tiny_sd1_pipeline_dir, data, out, checkpointing_steps="2", save_every_n_steps="2")
+    assert main(flags + ["--max_train_steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "the adapter weights became NaN or infinite in the update of optimizer step 4" in err
+    assert "1 module(s): unet." in err and "Nothing of this step was saved" in err
+    assert f"resume from {out / 'checkpoint-2'}" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint-2",
+        "loha-step00000002.safetensors",
+        "train_config.toml",
+    ]
+    verify_checkpoint(out / "checkpoint-2")
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_file(str(out / "checkpoint-2" / "unet_adapter.safetensors")).values()
+    )
