@@ -57,6 +57,8 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
+        # Adapters that were merged when `set_enabled(False)` unmerged them; `set_enabled(True)` merges them again.
+        self.merge_on_enable: list[str] = []
         self.register_buffer("original_weight", None, persistent=False)
         # Take the wrapped layer's mode: an adapter added to an eval-mode model must not apply dropout.
         self.train(base_layer.training)
@@ -102,33 +104,97 @@ class AdapterLayer(nn.Module):
             self.active_adapters.append(name)
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter `name` (unmerging first if it is merged)."""
+        """Remove adapter `name`. If it is merged, the weight is rebuilt from the kept original with the other
+        merged adapters only (unmerge, delete, re-merge: exactly the weight a merge of those would give)."""
         if name in self.merged_adapters:
-            self.unmerge()
+            self._set_merged([n for n in self.merged_adapters if n != name])
         del self.adapters[name]
         if name in self.active_adapters:
             self.active_adapters.remove(name)
+        if name in self.merge_on_enable:
+            self.merge_on_enable.remove(name)
 
-    # -- merge -------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def merge(self, names: list[str] | None = None) -> None:
-        """Bake adapters `names` (default: the active ones) into the base weight.
-
-        The new weight is computed from the kept original in fp32, so merging more adapters later never
-        accumulates rounding.
+    def set_active(self, names: list[str]) -> None:
+        """Run exactly `names` (adapters of this layer). A merged adapter left out is taken out of the weight
+        and the merged ones that stay active are re-merged exactly (from the kept original), so the weight
+        never holds an adapter that does not run (PEFT unmerges in `set_adapter`; diffusers' `set_adapters`
+        after `fuse_lora` leaves the old weights, the bug this avoids).
 
         Raises:
-            AdapterNotFoundError: a name is not an adapter of this layer (nothing is merged).
+            AdapterNotFoundError: a name is not an adapter of this layer (nothing is changed).
         """
-        names = list(self.active_adapters if names is None else names)
+        self._require(names)
+        self.active_adapters = list(names)
+        kept = [n for n in self.merged_adapters if n in names]
+        if kept != self.merged_adapters:
+            self._set_merged(kept)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch all adapters off (`False`: the base layer only) or on again. Switching off unmerges at once
+        (the weight is the exact original from then on, not only from the next forward as in PEFT) and
+        remembers what was merged; switching on merges those again, if still present and active."""
+        if not enabled:
+            self.merge_on_enable += [n for n in self.merged_adapters if n not in self.merge_on_enable]
+            self._set_merged([])
+            self.adapters_enabled = False
+            return
+        self.adapters_enabled = True
+        again = [n for n in self.merge_on_enable if n in self.adapters and n in self.active_adapters]
+        self.merge_on_enable = []
+        if again:
+            self._set_merged(again)
+
+    def _require(self, names: list[str]) -> None:
         for name in names:
             if name not in self.adapters:
                 raise AdapterNotFoundError(f"No adapter {name!r} on this layer; have {list(self.adapters)}.")
-        merged = self.merged_adapters + [n for n in names if n not in self.merged_adapters]
-        if not merged:
-            return
+
+    # -- merge -------------------------------------------------------------------------------------
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Bake adapters `names` (default: the active ones) into the base weight, with those already merged.
+
+        The weight is rebuilt from the kept original in fp32 and rounded once, so merging more adapters later
+        never accumulates rounding, and the result depends only on which adapters are merged (they are summed
+        in the order they were added), not on the order of the calls.
+
+        Raises:
+            AdapterNotFoundError: a name is not an adapter of this layer (nothing is merged).
+            AdapterStateError: a name is not active, or the adapters are disabled: a merged adapter that does
+                not run would still change the output (nothing is merged).
+        """
+        names = list(self.active_adapters if names is None else names)
+        self._require(names)
+        if names and not self.adapters_enabled:
+            raise AdapterStateError(
+                f"Cannot merge {names}: the adapters are disabled; enable them first (enable_adapters)."
+            )
+        inactive = [n for n in names if n not in self.active_adapters]
+        if inactive:
+            raise AdapterStateError(
+                f"Cannot merge {inactive}: not active (active: {self.active_adapters}); a merged adapter always "
+                "runs. Make it active first (set_active_adapters)."
+            )
+        self._set_merged(self.merged_adapters + names)
+
+    def unmerge(self) -> None:
+        """Restore the original base weight exactly (and forget what `set_enabled(True)` would merge again)."""
+        self._set_merged([])
+        self.merge_on_enable = []
+
+    @torch.no_grad()
+    def _set_merged(self, names: list[str]) -> None:
+        """Make the base weight W0 + sum of ΔW of `names` (summed in fp32 from the exact original, in the order
+        the adapters were added, rounded once to the weight's dtype), or W0 itself for no names."""
+        wanted = set(names)
+        merged = [n for n in self.adapters if n in wanted]
         weight = self.base_layer.weight
+        if not merged:
+            if self.original_weight is not None:
+                weight.copy_(self.original_weight)
+            self.original_weight = None
+            self.merged_adapters = []
+            return
         if self.original_weight is None:
             self.original_weight = weight.detach().clone()
         total = self.original_weight.float()
@@ -136,14 +202,6 @@ class AdapterLayer(nn.Module):
             total = total + self.adapters[name].delta_weight().float().to(total.device)
         weight.copy_(total.to(weight.dtype))
         self.merged_adapters = merged
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the original base weight exactly."""
-        if self.original_weight is not None:
-            self.base_layer.weight.copy_(self.original_weight)
-        self.original_weight = None
-        self.merged_adapters = []
 
     # -- forward -----------------------------------------------------------------------------------
 

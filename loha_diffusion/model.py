@@ -4,6 +4,20 @@ Words (one meaning each, as in PEFT): *merge* bakes adapters into the base weigh
 exact originals (diffusers and `pipeline.py` call these *fuse* / *unfuse*); *delete* removes one adapter and keeps
 the others; *unload* removes every adapter and returns the plain model (`merge_and_unload` merges first).
 `scale` is the user multiplier of an adapter, `scaling` = alpha / r × scale is what ΔW is multiplied by.
+
+Merged adapters and the calls that change adapters (the rule: a call never leaves merged weights that disagree
+with the adapters' state; a merged adapter is always active and enabled, and the weight is always W0 + the sum
+of the merged adapters' ΔW at their current scales and factors, rebuilt from the kept exact original):
+
+| call while merged                                  | what it does                                               |
+|----------------------------------------------------|------------------------------------------------------------|
+| `set_adapter_scale`, `set_adapter_state_dict`      | refuses (`AdapterMergedError`): unmerge, change, merge     |
+| `set_active_adapters`                              | re-merges exactly the merged adapters that stay active     |
+| `disable_adapters` / `enable_adapters`             | unmerges at once / merges the same adapters again          |
+| `delete_adapter`                                   | removes it from the weights, re-merges the others exactly  |
+| `inject_adapter`, `add_adapter` (a new adapter)    | allowed: the new adapter runs unmerged on top              |
+| `unload` / `merge_and_unload`                      | the exact originals / the active adapters merged           |
+| `merge_adapters` of an inactive adapter, disabled  | refuses (`AdapterStateError`): a merged adapter would run  |
 """
 
 from __future__ import annotations
@@ -201,12 +215,15 @@ def set_adapter_state_dict(
     """Load `state_dict` (keys as `get_adapter_state_dict` gives them) into adapter `adapter_name`.
 
     Strict: missing keys, unknown keys and wrong shapes raise one error listing them, before any tensor is
-    copied. Tensors are copied into the factors' dtype and device.
+    copied. Tensors are copied into the factors' dtype and device. A merged adapter is refused: its ΔW is in
+    the weights, and new factors would disagree with them (unmerge, load, merge again).
 
     Raises:
         AdapterNotFoundError: the model has no adapter `adapter_name`.
+        AdapterMergedError: the adapter is merged (nothing is copied).
         AdapterStateError: missing, unknown or misshaped keys (all listed).
     """
+    _refuse_if_merged(model, adapter_name, "loading new tensors into it")
     missing, unknown, wrong = compare_tensors(get_adapter_state_dict(model, adapter_name), state_dict)
     if missing or unknown or wrong:
         raise AdapterStateError(
@@ -236,6 +253,23 @@ def _require_adapter(model: nn.Module, adapter_name: str) -> None:
         )
 
 
+def merged_adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters merged into at least one weight of `model`, in order of first appearance."""
+    names: list[str] = []
+    for layer in adapter_layers(model).values():
+        names += [n for n in layer.merged_adapters if n not in names]
+    return names
+
+
+def _refuse_if_merged(model: nn.Module, adapter_name: str, change: str) -> None:
+    _require_adapter(model, adapter_name)
+    if adapter_name in merged_adapter_names(model):
+        raise AdapterMergedError(
+            f"Adapter {adapter_name!r} is merged into the weights; {change} would leave weights that disagree "
+            "with it. Unmerge first (unmerge_adapters / pipeline.unfuse), change it, then merge again."
+        )
+
+
 def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     """Multiply adapter `adapter_name`'s delta by `scale` (1.0 = as trained; PEFT's `set_scale`).
 
@@ -243,18 +277,18 @@ def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None
         AdapterNotFoundError: no such adapter.
         AdapterMergedError: the adapter is merged (its scale is baked into the weights); unmerge first.
     """
-    _require_adapter(model, adapter_name)
+    _refuse_if_merged(model, adapter_name, "changing its scale")
     for layer in adapter_layers(model).values():
         if adapter_name in layer.adapters:
-            if adapter_name in layer.merged_adapters:
-                raise AdapterMergedError(
-                    f"Adapter {adapter_name!r} is merged; unmerge it before changing its scale."
-                )
             layer.adapters[adapter_name].scale = float(scale)
 
 
 def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
     """Make exactly `names` the adapters that run in forward (the others stay loaded).
+
+    Merged adapters are kept consistent: one that is left out is taken out of the weights, and the merged ones
+    that stay active are re-merged exactly (`AdapterLayer.set_active`); a newly active adapter runs unmerged
+    until the next `merge_adapters`.
 
     Raises:
         AdapterNotFoundError: a name is not an adapter of the model (nothing is changed).
@@ -263,50 +297,85 @@ def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
     for name in names:
         _require_adapter(model, name)
     for layer in adapter_layers(model).values():
-        layer.active_adapters = [n for n in names if n in layer.adapters]
+        layer.set_active([n for n in names if n in layer.adapters])
     for wrapper in _trainable_copies(model).values():
         wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
 
 
 def _set_enabled(model: nn.Module, enabled: bool) -> None:
-    for module in [*adapter_layers(model).values(), *_trainable_copies(model).values()]:
-        module.adapters_enabled = enabled
+    for layer in adapter_layers(model).values():
+        layer.set_enabled(enabled)
+    for wrapper in _trainable_copies(model).values():
+        wrapper.adapters_enabled = enabled
 
 
 def enable_adapters(model: nn.Module) -> None:
-    """Run the active adapters again after `disable_adapters`."""
+    """Run the active adapters again after `disable_adapters`; the adapters `disable_adapters` unmerged are
+    merged again (those still present and active, at their current scales)."""
     _set_enabled(model, True)
 
 
 def disable_adapters(model: nn.Module) -> None:
-    """Run the base model only (merged adapters are unmerged on the next forward, as in PEFT)."""
+    """Run the base model only. Merged adapters are unmerged at once (PEFT does it on the next forward; here
+    the weights are the exact originals as soon as the call returns) and merged again by `enable_adapters`."""
     _set_enabled(model, False)
+
+
+def check_mergeable(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Check, without changing anything, that `merge_adapters(model, adapter_names)` can run.
+
+    Raises:
+        AdapterNotFoundError: a name is not an adapter of the model.
+        AdapterStateError: an adapter to merge is not active, or the adapters are disabled: a merged adapter
+            always runs, so merging it would change the output (the message says what to call first).
+    """
+    for name in adapter_names or []:
+        _require_adapter(model, name)
+    for path, layer in adapter_layers(model).items():
+        names = (
+            layer.active_adapters
+            if adapter_names is None
+            else [n for n in adapter_names if n in layer.adapters]
+        )
+        if names and not layer.adapters_enabled:
+            raise AdapterStateError(
+                f"Cannot merge {names}: the adapters are disabled. Call enable_adapters first."
+            )
+        inactive = [n for n in names if n not in layer.active_adapters]
+        if inactive:
+            raise AdapterStateError(
+                f"Cannot merge {inactive}: not active at {path} (active: {layer.active_adapters}); a merged "
+                "adapter always runs. Make it active first (set_active_adapters)."
+            )
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:
     """Bake adapters (default: the active ones) into the base weights; `unmerge_adapters` undoes it exactly.
 
-    The merged weight is computed in fp32 from the kept original and rounded once to the base dtype.
+    The merged weight is computed in fp32 from the kept original and rounded once to the base dtype: for a
+    float16 weight, `(W0.float() + ΔW).half()`, whatever was merged before.
 
     Raises:
         AdapterNotFoundError: a name is not an adapter of the model (nothing is merged).
+        AdapterStateError: an adapter to merge is not active, or the adapters are disabled (nothing is merged).
     """
-    for name in adapter_names or []:
-        _require_adapter(model, name)
+    check_mergeable(model, adapter_names)
     for layer in adapter_layers(model).values():
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.adapters]
         layer.merge(names)
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    """Restore every merged base weight to its exact original."""
+    """Restore every merged base weight to its exact original (and cancel the re-merge `enable_adapters`
+    would do after `disable_adapters`)."""
     for layer in adapter_layers(model).values():
         layer.unmerge()
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove adapter `adapter_name` (unmerging it first); layers left without adapters go back to their plain
-    base module.
+    """Remove adapter `adapter_name`; layers left without adapters go back to their plain base module. If it is
+    merged, each weight is rebuilt from its exact original with the other merged adapters only (unmerge,
+    delete, re-merge), so the weights equal those of a model that never had it.
 
     Raises:
         AdapterNotFoundError: no such adapter.
@@ -344,7 +413,13 @@ def _replace_with_base(model: nn.Module, merge: bool) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Bake the active adapters into the weights and return the plain model (no adapter layers left)."""
+    """Bake the active adapters into the weights and return the plain model (no adapter layers left). Computed
+    in fp32 from the exact originals and rounded once to each weight's dtype.
+
+    Raises:
+        AdapterStateError: the adapters are disabled (nothing is changed): enable them, or call `unload`.
+    """
+    check_mergeable(model)
     return _replace_with_base(model, merge=True)
 
 
@@ -364,7 +439,8 @@ class LoHaModel(nn.Module):
     `merge_and_unload`, `unload`, `get_adapter_state_dict`, `set_adapter_scale`, ...
 
     `LoHaModel(model, config, adapter_name="default")` injects into `model` in place; `.model` is it.
-    The config may be a `LoHaConfig` or a `LoRAConfig`."""
+    The config may be a `LoHaConfig` or a `LoRAConfig`. Each method is the module-level function of the same
+    name on `.model`, with the same rules for merged adapters (the table in this module's docstring)."""
 
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"):
         super().__init__()
@@ -392,18 +468,22 @@ class LoHaModel(nn.Module):
     def set_adapter_state_dict(
         self, state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
     ) -> None:
+        """`set_adapter_state_dict`: refused for a merged adapter (`AdapterMergedError`)."""
         set_adapter_state_dict(self.model, state_dict, adapter_name)
 
     def set_adapter_scale(self, adapter_name: str, scale: float) -> None:
+        """`set_adapter_scale`: refused for a merged adapter (`AdapterMergedError`)."""
         set_adapter_scale(self.model, adapter_name, scale)
 
     def set_adapter(self, names: list[str] | str) -> None:
+        """`set_active_adapters`: merged adapters left out are unmerged, the others re-merged exactly."""
         set_active_adapters(self.model, names)
 
     def enable_adapters(self) -> None:
         enable_adapters(self.model)
 
     def disable_adapters(self) -> None:
+        """`disable_adapters`: unmerges at once; `enable_adapters` merges the same adapters again."""
         disable_adapters(self.model)
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
@@ -413,6 +493,7 @@ class LoHaModel(nn.Module):
         unmerge_adapters(self.model)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """`delete_adapter`: a merged adapter leaves the weights, the other merged ones are re-merged exactly."""
         delete_adapter(self.model, adapter_name)
 
     def merge_and_unload(self) -> nn.Module:

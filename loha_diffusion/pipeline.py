@@ -9,6 +9,26 @@ Works on any pipeline object with a `unet` and `text_encoder` / `text_encoder_2`
 Words, as diffusers uses them: *fuse* / *unfuse* bake adapters into the weights and restore the exact originals
 (`model.merge_adapters` / `unmerge_adapters` underneath); *delete_adapter* removes one adapter; *unload* removes
 all of them. `scale` is an adapter's strength (the user multiplier, 1.0 = as trained).
+
+Fused pipelines: a call never leaves fused weights that disagree with the adapters' state. A fused adapter is
+always active and enabled, and each fused weight is W0 + the sum of the fused adapters' ΔW at their current
+scales, rebuilt from the kept exact original (so after any of these calls the weights are bit for bit those of
+a pipeline loaded fresh into the same state and fused). Per call, while something is fused:
+
+| call                                   | while fused                                                          |
+|----------------------------------------|----------------------------------------------------------------------|
+| `set_adapter_scales`                   | refuses (`AdapterMergedError`): `unfuse`, set, `fuse` (diffusers too: |
+|                                        | a fused `lora_scale` needs `unfuse_lora`)                            |
+| `set_active_adapters`                  | an adapter left out leaves the weights; the fused ones that stay     |
+|                                        | active are re-fused exactly; newly active ones run unfused on top    |
+|                                        | (PEFT's `set_adapter` unmerges; diffusers' `set_adapters` after      |
+|                                        | `fuse_lora` keeps the old weights, the bug this avoids)              |
+| `disable_adapters` / `enable_adapters` | unfuses at once (exact original weights) / fuses the same ones again |
+| `delete_adapter`                       | it leaves the weights, the other fused adapters are re-fused exactly |
+| `load_adapter` (a new adapter)         | allowed: the new adapter runs unfused on top of the fused weights    |
+| `unload`                               | the exact original weights and modules                               |
+| `fuse` of an inactive adapter, or      | refuses (`AdapterStateError`): a fused adapter always runs           |
+| while disabled                         |                                                                      |
 """
 
 from __future__ import annotations
@@ -177,6 +197,10 @@ def set_adapter_scales(pipe: Any, scales: dict[str, float]) -> None:
 def set_active_adapters(pipe: Any, names: list[str] | str) -> None:
     """Run exactly the adapters `names` (others stay loaded but inactive); several active adapters add up.
 
+    On a fused pipeline, a fused adapter that is left out is taken out of the weights and the fused ones that
+    stay active are re-fused exactly; adapters that become active run unfused until the next `fuse`. So
+    `fuse(pipe)` with "a" and "b" active, then `set_active_adapters(pipe, ["a"])`, computes "a" alone (fused).
+
     Raises:
         AdapterNotFoundError: a name is not loaded (nothing is changed).
     """
@@ -188,19 +212,22 @@ def set_active_adapters(pipe: Any, names: list[str] | str) -> None:
 
 
 def disable_adapters(pipe: Any) -> None:
-    """Run the base model only, keeping the adapters loaded (a fused pipeline is unfused on its next call)."""
+    """Run the base model only, keeping the adapters loaded. A fused pipeline is unfused at once (the weights
+    are the exact originals when the call returns) and `enable_adapters` fuses the same adapters again."""
     for module in adapter_components(pipe).values():
         core.disable_adapters(module)
 
 
 def enable_adapters(pipe: Any) -> None:
-    """Run the active adapters again after `disable_adapters`."""
+    """Run the active adapters again after `disable_adapters`, re-fusing those it unfused (the ones still
+    loaded and active; `unfuse` in between cancels that)."""
     for module in adapter_components(pipe).values():
         core.enable_adapters(module)
 
 
 def delete_adapter(pipe: Any, name: str) -> None:
-    """Remove adapter `name` from every component (unfusing it first); the other adapters stay loaded.
+    """Remove adapter `name` from every component; the other adapters stay loaded. If it is fused, the weights
+    are rebuilt from the exact originals with the other fused adapters only (they stay fused).
 
     Raises:
         AdapterNotFoundError: `name` is not loaded.
@@ -234,12 +261,16 @@ def fuse(pipe: Any, adapter_names: list[str] | None = None) -> None:
     """Bake adapters (default: the active ones, at their current scales) into the weights for the fastest
     inference (diffusers' `fuse_lora`; `model.merge_adapters` underneath). The merge is computed in fp32 and
     rounded once to each weight's dtype; the original weights are kept, so `unfuse` restores them bit for bit.
+    Fusing more adapters later rebuilds the weights from the originals (no rounding accumulates).
 
     Raises:
         AdapterNotFoundError: a name is not loaded (nothing is fused).
+        AdapterStateError: a named adapter is not active, or the adapters are disabled: a fused adapter always
+            runs, so fusing it would change the output (nothing is fused).
     """
     if adapter_names is not None:
         _require_adapters(pipe, adapter_names)
+    plan = []
     for module in adapter_components(pipe).values():
         present = core.adapter_names(module)
         if not present:
@@ -247,6 +278,9 @@ def fuse(pipe: Any, adapter_names: list[str] | None = None) -> None:
         names = None if adapter_names is None else [n for n in adapter_names if n in present]
         if names == []:
             continue
+        core.check_mergeable(module, names)  # every component before changing any
+        plan.append((module, names))
+    for module, names in plan:
         core.merge_adapters(module, names)
 
 
