@@ -171,7 +171,10 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         ConfigError: a setting, the base model, the launcher or a checkpoint to resume cannot be used (a
             resume with other data or a setting it cannot change is refused before any model is loaded).
         DataError: the training data cannot be used (checked before any model is loaded).
-        TrainingDivergedError: the loss became NaN or infinite (the message says what to change).
+        TrainingDivergedError: the loss or the adapter weights became NaN or infinite (the message says what
+            to change; nothing of that step is saved).
+        OutputWriteError: a checkpoint or file cannot be written (disk full, permission); earlier outputs are
+            intact.
     """
     from accelerate.utils import set_seed
 
@@ -411,7 +414,8 @@ def train_epochs(run: Run, stop_at_step: int | None) -> bool:
     A resumed epoch skips the batches already trained (the sample order is a function of seed and epoch).
 
     Raises:
-        TrainingDivergedError: the loss became NaN or infinite (see `end_step`).
+        TrainingDivergedError: the loss or the adapter weights became NaN or infinite (see `end_step`).
+        OutputWriteError: a checkpoint or step file cannot be written (see `after_step`).
     """
     state, schedule = run.state, run.schedule
     first_epoch = state.global_step // schedule.update_steps_per_epoch
@@ -621,7 +625,12 @@ def divergence_message(run: Run, header: str, *, before_any_update: bool) -> str
 def after_step(run: Run) -> None:
     """The policy after each optimizer step: the training state every `checkpointing_steps` (all
     processes), then on the main process the Kohya file every `save_every_n_steps` and validation every
-    `validation_steps` (not at the last step: `finish` validates the final file)."""
+    `validation_steps` (not at the last step: `finish` validates the final file).
+
+    Raises:
+        OutputWriteError: the checkpoint or step file cannot be written (disk full, permission); the earlier
+            checkpoints and files are intact and no partial one is left.
+    """
     cfg, step = run.cfg, run.state.global_step
     if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
         record = make_run_record(
