@@ -256,7 +256,8 @@ def _metadata_lines(meta: dict[str, str], path: Path) -> list[str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """`inspect FILE`: print the summary; 1 when the file has problems a loader would trip on.
+    """`inspect FILE`: print the summary; 1 when the file has problems a loader would trip on, or values that
+    give NaN/Inf (non-finite factors, bad alphas, deltas beyond float16's range: printed as warnings).
 
     Raises:
         CLIError: FILE is missing, a folder or holds no modules. KohyaFormatError: FILE is not readable.
@@ -296,21 +297,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"problems:    {len(problems)}")
         for problem in problems[:20]:
             print(f"  - {problem}")
-        return 1
-    return 0
+    # What loads refuse by default (allow_non_finite): NaN/Inf, bad alphas, deltas beyond float16's range.
+    from .formats.kohya.load import MAX_DELTA
+
+    warned = kfile.value_problems + [
+        f"{m.name}: the delta reaches {peak:.3g}, beyond float16's range ({MAX_DELTA:g}): Inf in half precision"
+        for m in modules
+        if not m.value_problems and (peak := m.peak_delta(MAX_DELTA)) > MAX_DELTA
+    ]
+    if warned:
+        print(f"warnings:    {len(warned)} (NaN/Inf or overflowing values: loaders refuse or output Inf)")
+        for warning in warned[:20]:
+            print(f"  - {warning}")
+    return 1 if problems or warned else 0
 
 
 # -- verify ----------------------------------------------------------------------------------------
 
 
 def _check_module(module, target, rtol: float) -> tuple[str, str]:
-    """PASS/FAIL and the detail of one file module: it maps to a layer, fits it, and our adapter's ΔW equals
-    the plain formula of the format (`formats.reference`, float64) within `rtol` of max|ΔW|."""
+    """PASS/FAIL and the detail of one file module: it maps to a layer, fits it, has finite factors and a usable
+    alpha, its ΔW fits float16 (and the base's dtype), and our adapter's ΔW equals the plain formula of the
+    format (`formats.reference`, float64) within `rtol` of max|ΔW|."""
+    import torch
+
     from .adapters import LayerSpec
     from .formats.reference import reference_delta
 
-    if module.problems:
-        return "FAIL", "; ".join(module.problems)
+    if module.problems or module.value_problems:
+        return "FAIL", "; ".join(module.problems + module.value_problems)
     if target is None:
         return "FAIL", "no module of this base model has this name"
     shape = tuple(target.layer.weight.shape)
@@ -325,12 +340,22 @@ def _check_module(module, target, rtol: float) -> tuple[str, str]:
     peak = plain.abs().max().item()
     diff = (ours.double() - plain).abs().max().item()
     rel = diff / peak if peak > 0 else diff
+    detail = f"max|dW| {peak:.3g}  rel.diff {rel:.1e}"
+    # A delta beyond float16's range (or the base's dtype) is Inf in half precision (ComfyUI/A1111 default).
+    dtype = target.layer.weight.dtype
+    limit = min(
+        torch.finfo(torch.float16).max, torch.finfo(dtype).max if dtype.is_floating_point else math.inf
+    )
+    if not math.isfinite(peak) or peak > limit:
+        dtype_name = str(dtype).removeprefix("torch.")
+        return "FAIL", f"{detail}: beyond the range of float16/{dtype_name} ({limit:g})"
     status = "FAIL" if not math.isfinite(rel) or rel > rtol else "PASS"
-    return status, f"max|dW| {peak:.3g}  rel.diff {rel:.1e}"
+    return status, detail
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """`verify FILE --pipeline DIR`: print the PASS/FAIL table; 1 on any FAIL.
+    """`verify FILE --pipeline DIR`: print the PASS/FAIL table; 1 on any FAIL (also for a file without
+    modules, NaN/Inf factors, bad alphas, or a delta beyond float16's range or the base's dtype).
 
     Raises:
         CLIError: FILE or DIR is not what it should be (missing, not a pipeline folder).
@@ -348,6 +373,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         where = f"{target.component}.{target.path}" if target else "-"
         status, detail = _check_module(module, target, args.rtol)
         rows.append((status, name, where, module.kind, detail))
+    if not rows:
+        print(f"FAIL  file: {args.file} holds no adapter modules")
+        for problem in kfile.problems:
+            print(f"FAIL  file: {problem}")
+        return 1
     width = max(len(r[1]) for r in rows)
     print(f"{'':4}  {'MODULE':<{width}}  {'KIND':<5} TARGET  CHECK")
     for status, name, where, kind, detail in rows:
@@ -576,7 +606,8 @@ def _add_inspect(sub) -> None:
         formatter_class=RAW,
         description="Summarize a Kohya/LyCORIS .safetensors adapter: algorithm(s), module count by part (unet, "
         "te, te1, te2) and block, ranks and alphas, dtype, base model version, parameter count, file size and "
-        "the training facts in its metadata. Exit status 1 when the file has problems a loader would trip on.",
+        "the training facts in its metadata. Exit status 1 when the file has problems a loader would trip on, "
+        "or NaN/Inf factors, bad alphas or deltas beyond float16's range (listed as warnings).",
         epilog=_examples("inspect my_loha.safetensors"),
     )
     p.add_argument("file", help="a Kohya/LyCORIS .safetensors file")
@@ -589,7 +620,8 @@ def _add_verify(sub) -> None:
         help="check that a file fits a base model and that its deltas are what loaders compute",
         formatter_class=RAW,
         description="Check every module of FILE against the base model in --pipeline: the name maps to a layer, "
-        "the tensors fit its weight, and the delta our adapters compute equals the plain formula of the Kohya "
+        "the tensors fit its weight and are finite, its alpha is a usable number, the delta fits float16 (and "
+        "the base's dtype), and the delta our adapters compute equals the plain formula of the Kohya "
         "format (computed separately in float64). Prints a PASS/FAIL table; exit status 1 on any FAIL. Only the "
         "model configs are read (no weights are loaded).",
         epilog=_examples(
