@@ -34,6 +34,7 @@ from ...adapters import (
 )
 from ...errors import AdapterFileNotFoundError, KohyaFormatError, LoHaDiffusionError
 from .. import foreign, naming
+from ..reference import reference_delta
 
 # The Kohya tensor names of each kind, as the adapter classes declare them (kept for callers of the old module).
 LOHA_TENSORS = LoHaAdapter.file_tensors
@@ -126,6 +127,28 @@ class KohyaModule:
     def dtype(self) -> torch.dtype | None:
         """The dtype of the module's tensors (of the first; `problems` notes a mix), None without tensors."""
         return next(iter(self.tensors.values())).dtype if self.tensors else None
+
+    def delta_bound(self) -> float:
+        """A cheap upper bound of max|ΔW| (`scaling` applied, multiplier 1) without building ΔW: the product of
+        the factors' largest magnitudes and `scaling`, times the rank once per factor (every inner sum of
+        every kind runs over a rank). inf/nan when a factor is; 0.0 for an unusable module."""
+        if self.problems:
+            return 0.0
+        bound = abs(self.scaling)
+        for tensor in self.tensors.values():
+            bound *= float(tensor.float().abs().max()) * max(self.rank or 1, 1)
+        return bound
+
+    def peak_delta(self, limit: float = 0.0) -> float:
+        """max|ΔW| of the module (`scaling` applied, multiplier 1) from the plain formulas in float64
+        (`formats.reference`; inf when ΔW has NaN/Inf). ΔW is only built when `delta_bound` exceeds `limit`,
+        otherwise the bound is returned. The base layer's shape is not needed: the values are the same in any
+        arrangement."""
+        bound = self.delta_bound()
+        if self.problems or bound <= limit:
+            return bound
+        delta = reference_delta(self.tensors, self.alpha, (-1,))
+        return float(delta.abs().max()) if bool(torch.isfinite(delta).all()) else math.inf
 
     def num_params(self) -> int:
         """Number of factor elements (alpha not counted)."""
