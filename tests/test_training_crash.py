@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_loop import base_flags, make_dataset
+from test_training_loop import base_flags, free_port, make_dataset
 
 from loha_diffusion.formats.kohya import read_metadata
-from loha_diffusion.training.checkpoint import list_checkpoints, verify_checkpoint
+from loha_diffusion.training.checkpoint import list_checkpoints, read_checkpoint_state, verify_checkpoint
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.loop import train
 
@@ -143,3 +143,42 @@ def test_killed_run_resumes_to_the_same_file(
     }
     # What the kill left half-written was cleared; only the newest checkpoint is kept.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-6", "loha.safetensors", "train_config.toml"]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_with_their_own_random_states(tiny_sd1_pipeline_dir, tmp_path):
+    """torchrun with 2 CPU processes: 2 steps with a checkpoint, then grown to 4 steps with `latest`; each
+    process restores its own `random_states_<rank>`, and the result matches one process at batch 4."""
+    data = make_dataset(tmp_path / "data", 8)
+    common = ["--checkpointing_steps", "2", "--lr_scheduler", "constant"]
+    single = train(
+        load_config(
+            base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "one")
+            + common
+            + ["--train_batch_size", "4", "--max_train_steps", "4"]
+        )
+    )
+    out = tmp_path / "two"
+    two = [*base_flags(tiny_sd1_pipeline_dir, data, out), *common, "--train_batch_size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for extra in (
+        ["--max_train_steps", "2"],
+        ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"],
+    ):
+        command = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            str(REPO / "scripts" / "train_loha_sd.py"), *two, *extra,
+        ]  # fmt: skip
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        if "--resume_from_checkpoint" in extra:
+            assert "resumed from" in run.stderr and "checkpoint-2 at step 2" in run.stderr
+    for rank in (0, 1):
+        state = read_checkpoint_state(out / "checkpoint-2", f"random_states_{rank}")
+        assert state["torch"].dtype == torch.uint8
+    assert read_checkpoint_state(out / "checkpoint-4", "train_state")["global_step"] == 4
+    a, b = load_file(str(single.kohya_file)), load_file(str(out / "loha.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5, msg=key)
