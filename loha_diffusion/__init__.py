@@ -9,6 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .quiet import quiet_library_noise
+
+# Before any diffusers pipeline is imported: transformers prints its torchvision notice at that import.
+quiet_library_noise()
+
 if TYPE_CHECKING:
     from .config import LoHaConfig, LoRAConfig
     from .errors import LoHaDiffusionError

@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import textwrap
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,13 +37,16 @@ PARTS = {"lora_unet": "unet", "lycoris": "unet", "lora_te": "te", "lora_te1": "t
 
 
 def _quiet_libraries() -> None:
-    """Keep library chatter (torchvision hints, progress bars of loading) out of the command's output."""
+    """Keep library chatter out of the command's output: the loading progress bars, and the exact messages
+    `quiet.quiet_library_noise` lists (torchvision notice, diffusers' empty float32-modules warning). Every
+    other warning of transformers and diffusers still shows."""
     import diffusers
     import transformers
 
-    transformers.utils.logging.set_verbosity_error()
+    from .quiet import quiet_library_noise
+
+    quiet_library_noise()
     transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
 
 
@@ -83,11 +85,11 @@ def _pipeline_dir(value: str | Path) -> Path:
 def _load_pipeline(path: Path, precision: str | None = None, device: str | None = None):
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": torch_dtype(precision)} if precision else {}
-    with warnings.catch_warnings():
-        # diffusers >= 0.36 renames torch_dtype to dtype; the old name works in every supported version.
-        warnings.simplefilter("ignore", FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    from .pipeline import from_pretrained_dtype
+
+    # `dtype` from diffusers 0.40 (`torch_dtype` then warns), `torch_dtype` before: no FutureWarning either way.
+    kwargs = from_pretrained_dtype(torch_dtype(precision)) if precision else {}
+    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     if device:
         pipe.to(device)
     return pipe
@@ -512,29 +514,39 @@ def _load_adapters(pipe, values: list[str]) -> list[str]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """`merge --pipeline DIR --adapter FILE[:SCALE] ... --out DIR`: write the merged pipeline folder.
+    """`merge --pipeline DIR --adapter FILE[:SCALE] ... --out DIR [--dtype P]`: write the merged pipeline folder,
+    each component in the dtype the base model stores it in (or `--dtype`), and print what was written.
 
     Raises:
-        CLIError: --out is not empty (without --overwrite), DIR is not a pipeline, an adapter file is missing.
-            `LoHaDiffusionError` from loading an adapter that does not fit.
+        CLIError: --out is not empty (without --overwrite) or is the base model's folder, DIR is not a
+            pipeline, an adapter file is missing. `LoHaDiffusionError` from loading an adapter that does not
+            fit; `OutputWriteError` when --out cannot be written (nothing is left half-written).
     """
     _quiet_libraries()
-    from . import model as core
-    from .pipeline import adapter_components
+    from .pipeline import save_merged, stored_dtypes
 
     out = Path(args.out)
+    source = _pipeline_dir(args.pipeline)
+    if out.resolve() == source.resolve():
+        raise CLIError(f"--out {out} is the base model's folder; write the merged model to a new folder.")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"{out} exists and is not empty; choose a new folder or pass --overwrite.")
-    source = _pipeline_dir(args.pipeline)
-    pipe = _load_pipeline(source)
+    base = stored_dtypes(source)
+    wanted = {name: torch_dtype(args.dtype) for name in base} if args.dtype else base
+    pipe = _load_pipeline(source)  # float32: every merged weight is computed in fp32, then rounded once
     names = _load_adapters(pipe, args.adapter)
-    # Merge in fp32 (the loaded pipeline), then cast: rounding happens once, on the final weights.
-    for module in adapter_components(pipe).values():
-        core.merge_and_unload(module)
-    if args.dtype:
-        pipe.to(torch_dtype(args.dtype))
-    pipe.save_pretrained(out)
-    print(f"wrote {out}: {source} with {', '.join(names)} merged into the weights")
+    written = save_merged(pipe, out, wanted)
+    scales = [_parse_adapter_arg(value)[1] for value in args.adapter]
+    merged = ", ".join(f"{name} ({scale:g})" for name, scale in zip(names, scales))
+    print(f"wrote {out}: {source} with {merged} merged into the weights")
+    for name, (dtype, size) in written.items():
+        note = ""
+        if base.get(name) is None:
+            note = "  (base dtype unknown: no .safetensors weights)"
+        elif base[name] != dtype:
+            note = f"  (base model: {_dtype_name(base[name])})"
+        print(f"  {name:<15} {_dtype_name(dtype):<9} {human_size(size):>10}{note}")
+    print(f"  {'total':<15} {'':<9} {human_size(sum(size for _, size in written.values())):>10}")
     return 0
 
 
@@ -683,7 +695,9 @@ def _add_merge(sub) -> None:
         help="write a diffusers pipeline folder with adapters baked into the weights",
         formatter_class=RAW,
         description="Load the pipeline in --pipeline, apply each --adapter FILE[:scale] and write a plain "
-        "diffusers folder with the deltas baked into the weights (merged in float32).",
+        "diffusers folder with the deltas baked into the weights. Each weight is merged in float32 and rounded "
+        "once to the dtype the base model stores it in (an fp16 model stays fp16), or to --dtype. The folder "
+        "appears complete or not at all; the command prints each component's dtype and size.",
         epilog=_examples(
             "merge --pipeline ./sd15 --adapter style.safetensors --out ./sd15-style",
             "merge --pipeline ./sd15 --adapter style.safetensors:0.7 --adapter face.safetensors:0.5 --out ./mix --dtype fp16",
@@ -692,8 +706,12 @@ def _add_merge(sub) -> None:
     p.add_argument("--pipeline", required=True, metavar="DIR", help="diffusers folder of the base model")
     p.add_argument("--adapter", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
-    p.add_argument("--dtype", choices=sorted(PRECISIONS), help="save the merged weights in this dtype")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(PRECISIONS),
+        help="write every component in this dtype (default: each in the dtype of the base model's files)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_merge)
 
 

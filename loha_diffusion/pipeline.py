@@ -33,12 +33,15 @@ a pipeline loaded fresh into the same state and fused). Per call, while somethin
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from . import model as core
@@ -49,10 +52,12 @@ from .errors import (
     AdapterNotFoundError,
     LoHaDiffusionError,
 )
+from .files import atomic_directory
 from .formats import embeddings
 from .formats.kohya import load_kohya
 from .formats.peft import load_peft
 from .layers import check_adapter_name
+from .utils import most_common
 
 # Pipeline attributes that can hold adapters, in the order Kohya files list them.
 ADAPTER_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -298,3 +303,89 @@ def fused_adapters(pipe: Any) -> list[str]:
         for layer in core.adapter_layers(module).values():
             names += [n for n in layer.merged_adapters if n not in names]
     return names
+
+
+# -- loading and writing whole pipelines ---------------------------------------------------------------------
+
+# safetensors dtype names -> torch dtypes (the floating ones a model stores its weights in)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+# Weight files `from_pretrained` reads without a `variant`: plain or sharded (`-00001-of-00002`).
+_WEIGHT_FILE = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors$")
+
+
+def from_pretrained_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The keyword that sets the dtype of `DiffusionPipeline.from_pretrained` for the installed diffusers:
+    `{"dtype": dtype}` from diffusers 0.40 (which deprecates `torch_dtype` with a FutureWarning), else
+    `{"torch_dtype": dtype}` (older versions do not know `dtype`)."""
+    version = importlib.metadata.version("diffusers")
+    major, minor = (int(part) for part in re.findall(r"\d+", version)[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
+
+
+def stored_dtypes(pipeline_dir: str | os.PathLike) -> dict[str, torch.dtype | None]:
+    """The dtype each component of a diffusers pipeline folder stores its weights in: `{component folder:
+    dtype}`, the most common floating dtype of the tensors in its `.safetensors` weight files (the files
+    `from_pretrained` reads without a `variant`). None for a component with no such files (`.bin` weights).
+
+    Only the file headers are read (no tensor data).
+    """
+    result: dict[str, torch.dtype | None] = {}
+    for folder in sorted(p for p in Path(pipeline_dir).iterdir() if p.is_dir()):
+        files = [f for f in folder.iterdir() if _WEIGHT_FILE.match(f.name)]
+        if not files and not any(folder.glob("*.bin")):
+            continue  # a tokenizer or scheduler: no weights
+        dtypes = []
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                dtypes += [f.get_slice(k).get_dtype() for k in f.keys()]
+        result[folder.name] = most_common(_SAFETENSORS_DTYPES[d] for d in dtypes if d in _SAFETENSORS_DTYPES)
+    return result
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def save_merged(
+    pipe: Any, out: str | os.PathLike, dtypes: dict[str, torch.dtype | None]
+) -> dict[str, tuple[torch.dtype, int]]:
+    """Bake every active adapter into the weights (`model.merge_and_unload`), cast each model component to
+    `dtypes[component]` (None or absent: left as loaded) and write the pipeline folder `out` atomically
+    (`files.atomic_directory`: it appears complete or not at all; an existing folder is replaced).
+
+    Load the pipeline in float32 and pass the base model's dtypes (`stored_dtypes`) to keep its precision:
+    each merged weight is then computed in fp32 and rounded once, `(W0.float() + ΔW).half()` for an fp16 base
+    (kohya's `merge_lora.py` and A1111's merge do the same: merge in fp32, save in the chosen precision).
+
+    Returns `{component: (dtype written, bytes on disk)}` for the model components.
+
+    Raises:
+        AdapterStateError: the adapters are disabled (nothing is written); enable them first.
+        OutputWriteError: no space or no permission for `out` (the message names both; nothing is left).
+    """
+    components = {name: module for name, module in pipe.components.items() if isinstance(module, nn.Module)}
+    for module in adapter_components(pipe).values():
+        core.check_mergeable(module)
+    for module in adapter_components(pipe).values():
+        core.merge_and_unload(module)
+    for name, module in components.items():
+        if dtypes.get(name) is not None:
+            module.to(dtype=dtypes[name])
+    needed = sum(
+        t.numel() * t.element_size()
+        for module in components.values()
+        for t in [*module.parameters(), *module.buffers()]
+    )
+    out = Path(out)
+    with atomic_directory(out, needed=needed) as tmp:
+        pipe.save_pretrained(tmp)
+    return {
+        name: (next(module.parameters()).dtype, _folder_bytes(out / name))
+        for name, module in components.items()
+        if (out / name).is_dir()
+    }
