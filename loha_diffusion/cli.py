@@ -586,19 +586,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    """`make-tiny OUT`: write a tiny random-weight pipeline folder.
+    """`make-tiny OUT`: write a tiny random-weight pipeline folder (whole or not at all: a killed run leaves no
+    half folder).
 
     Raises:
-        CLIError: OUT is not empty (without --overwrite).
+        CLIError: OUT is a file, or a non-empty folder without --overwrite; with --overwrite, a non-empty
+            folder that is not a diffusers pipeline folder (it would be replaced whole) or the current folder.
     """
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} is a file; give a folder to write the tiny pipeline to.")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise CLIError(f"{out} exists and is not empty; choose a new folder or pass --overwrite.")
+        if not (out / "model_index.json").is_file():
+            raise CLIError(
+                f"{out} is not a diffusers pipeline folder (no model_index.json), and --overwrite replaces the "
+                "folder whole; choose a new folder."
+            )
+        if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+            raise CLIError(f"{out} is the current folder (or holds it); choose another folder to replace.")
     _quiet_libraries()
     from .tiny import save_tiny_pipeline
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"{out} exists and is not empty; choose a new folder or pass --overwrite.")
     save_tiny_pipeline(out, args.arch, seed=args.seed)
-    print(f"wrote a tiny random-weight {args.arch} pipeline to {out} (64x64 images; not a real model)")
+    print(
+        f"wrote a tiny {args.arch} pipeline with RANDOM weights to {out} (64x64 noise-like images): for offline "
+        "demos and tests only, not a real base model"
+    )
     return 0
 
 
@@ -749,15 +764,19 @@ def _add_make_tiny(sub) -> None:
         "make-tiny",
         help="write a tiny random-weight pipeline for offline demos and tests",
         formatter_class=RAW,
-        description="Write a tiny diffusers pipeline with random weights and the real SD1.5 or SDXL block "
+        description="Write a tiny diffusers pipeline with RANDOM weights and the real SD1.5 or SDXL block "
         "layout (UNet, VAE, CLIP text encoder(s), a tokenizer from a small vocabulary, scheduler). It makes "
-        "64x64 noise-like images in well under a second on a CPU; module names match the real models.",
+        "64x64 noise-like images in well under a second on a CPU; module names match the real models. For "
+        "offline demos and tests only: it is no base model to train real adapters on. The folder is written "
+        "whole or not at all.",
         epilog=_examples("make-tiny ./tiny-sd", "make-tiny ./tiny-sdxl --arch sdxl"),
     )
     p.add_argument("out", help="folder to write")
     p.add_argument("--arch", choices=["sd1", "sdxl"], default="sd1", help="model layout (default sd1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing pipeline folder (written whole)"
+    )
     p.set_defaults(func=cmd_make_tiny)
 
 
@@ -805,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except LoHaDiffusionError as err:
+        # Before OSError: OutputWriteError (disk full, no permission) is both, and its message names the file,
+        # the space and the fix; NonFiniteError (also a FloatingPointError) names the modules.
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
     except OSError as err:
         print(f"{PROG} {args.command}: error: {_os_error_message(err)}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,53 @@ def test_fixture_dirs_load(tiny_sd1_pipeline_dir, tiny_sdxl_pipeline_dir):
     sdxl = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline_dir)
     assert sd1.unet.config.sample_size * sd1.vae_scale_factor == 64
     assert sdxl.text_encoder_2.config.projection_dim == sdxl.unet.config.cross_attention_dim // 2
+
+
+def test_killed_save_leaves_no_half_folder(tmp_path, monkeypatch):
+    """The folder is written whole: a failure part-way (a kill, a full disk) leaves neither a half pipeline
+    nor temporary files, and an existing pipeline folder is kept until the new one is complete."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "tiny"
+    real_save = DiffusionPipeline.save_pretrained
+
+    def save_then_fail(self, directory, **kwargs):
+        real_save(self, directory, **kwargs)
+        assert any(Path(directory).rglob("*.safetensors"))  # weights were written, into the temporary folder
+        raise KeyboardInterrupt  # as a Ctrl-C / kill would stop it here
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DiffusionPipeline, "save_pretrained", save_then_fail)
+        with pytest.raises(KeyboardInterrupt):
+            tiny.save_tiny_pipeline(out, "sd1")
+    assert list(tmp_path.iterdir()) == []
+    tiny.save_tiny_pipeline(out, "sd1")
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    with monkeypatch.context() as patch:
+        patch.setattr(DiffusionPipeline, "save_pretrained", save_then_fail)
+        with pytest.raises(KeyboardInterrupt):
+            tiny.save_tiny_pipeline(out, "sd1", seed=1)
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_make_tiny_overwrite_replaces_only_a_pipeline_folder(tmp_path, capsys):
+    from loha_diffusion import cli
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert cli.main(["make-tiny", str(notes), "--overwrite"]) == 1
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli.main(["make-tiny", str(afile)]) == 1
+    assert "is a file" in capsys.readouterr().err
+
+    out = tmp_path / "tiny"
+    assert cli.main(["make-tiny", str(out)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().out
+    (out / "stray.txt").write_text("left from before")
+    assert cli.main(["make-tiny", str(out), "--overwrite", "--seed", "1"]) == 0
+    assert (out / "model_index.json").is_file() and not (out / "stray.txt").exists()

@@ -91,9 +91,11 @@ def hub_unreachable() -> str | None:
 
 
 def _looks_local(path: str) -> bool:
-    """True for what can only be a local path: absolute, `./`, `~`, a Windows path, more than one `/`, a first
-    folder that exists here (`outputs/tiny-sd`), or not a valid hub id."""
+    """True for what can only be a local path: absolute, `./`, `~`, a Windows path, more than one `/`, the
+    demo model's path, a first folder that exists here (`outputs/...`), or not a valid hub id."""
     if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    if os.path.normpath(path) == os.path.normpath(DEMO_MODEL_PATH):  # the quick start before `make-tiny`
         return True
     if "/" in path and os.path.isdir(path.split("/")[0]):
         return True
@@ -134,9 +136,13 @@ def resolve_base_model(path: str, revision: str | None = None) -> str:
             f"pretrained_model_name_or_path = {path!r} does not exist{_close_folder(path)}.\n"
             f"{base_model_options()}"
         )
-    why = "HF_HUB_OFFLINE is set" if hub_offline() else hub_unreachable()
-    if why is None:
-        return path
+    if hub_offline():
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        reason = hub_unreachable()
+        if reason is None:
+            return path
+        why = f"the Hugging Face hub ({hf_constants.ENDPOINT}) cannot be reached ({reason})"
     try:
         return huggingface_hub.snapshot_download(path, revision=revision, local_files_only=True)
     except OSError:  # LocalEntryNotFoundError: not in the cache
