@@ -160,3 +160,37 @@ def test_prefixes():
     assert naming.text_encoder_prefixes(2) == ("lora_te1", "lora_te2")
     with pytest.raises(ValueError):
         naming.text_encoder_prefixes(3)
+
+
+def test_text_projection_has_the_name_onetrainer_writes_and_comfyui_maps():
+    # comfy/lora.py, model_lora_keys_clip: "lora_te2_text_projection" -> clip_g.transformer.text_projection.weight
+    assert naming.text_encoder_kohya_name("text_projection", "lora_te2") == "lora_te2_text_projection"
+    assert (
+        naming.legacy_text_encoder_kohya_name("text_projection", "lora_te2")
+        == "lora_te2_text_model_text_projection"
+    )
+    assert naming.legacy_text_encoder_kohya_name("text_model.encoder.layers.0.mlp.fc1", "lora_te2") is None
+    te2 = build_tiny_text_encoder("sdxl", 2)
+    assert "text_projection" in dict(te2.named_modules())
+    assert naming.text_encoder_name_candidates("text_projection", ["lora_te2"]) == [
+        "lora_te2_text_projection"
+    ]
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_standard_layouts_and_architecture_from_paths(arch):
+    unet = build_unet_from_config(tiny_unet_config(arch), device="meta")
+    assert naming.standard_layout(arch) == naming.UNetLayout.from_config(unet)
+    assert naming.standard_layout(arch) == naming.UNetLayout.from_config(full_size_unet_config(arch))
+    paths = [p for p, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert naming.guess_unet_architecture(paths) == arch
+    assert {naming.diffusers_component(p) for p in paths} == {"unet"}
+    # Blocks both layouts have tell nothing.
+    assert (
+        naming.guess_unet_architecture(["down_blocks.1.attentions.0.proj_in", "mid_block.resnets.0.conv1"])
+        is None
+    )
+    te = build_tiny_text_encoder(arch, 1)
+    assert {naming.diffusers_component(p) for p, _ in te.named_modules() if p} == {"text_encoder"}
+    with pytest.raises(ValueError, match="unknown architecture"):
+        naming.standard_layout("flux")
