@@ -290,3 +290,36 @@ def test_cli_prints_write_and_non_finite_errors_as_one_line(monkeypatch, capsys,
     err = capsys.readouterr().err
     assert err == f"loha-diffusion make-tiny: error: {error}\n"
     assert "Traceback" not in err
+
+
+def test_tracker_accelerate_left_out_is_switched_off_not_fatal(tmp_path, caplog):
+    """Should accelerate drop a tracker it cannot use, the run logs a warning at start and goes on without
+    logging, instead of crashing at its end on the validation grid."""
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from loha_diffusion.training.tracker import Tracker
+
+    cfg = load_config(flags("m", "--report_to", "tensorboard", "--output_dir", str(tmp_path)))
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(tmp_path / "logs"))
+    tracker = Tracker(accelerator, cfg)
+    tracker.start(cfg)
+    assert tracker.enabled  # tensorboard is a dependency: started
+    accelerator.end_training()
+
+    class Dropped:  # what accelerate leaves after filtering out a tracker whose package it cannot import
+        trackers: list = []
+
+        def init_trackers(self, project, config=None):
+            pass
+
+        def log(self, values, step=None):
+            raise AssertionError("logged to a tracker that was not started")
+
+    cfg.report_to = "wandb"
+    tracker = Tracker(Dropped(), cfg)
+    with caplog.at_level("WARNING", logger="loha_diffusion.training.tracker"):
+        tracker.start(cfg)
+    assert not tracker.enabled and "did not start this tracker" in caplog.text
+    tracker.log({"train/loss": 0.1}, step=1)
+    tracker.log_validation({}, Image.new("RGB", (8, 8)), step=1)

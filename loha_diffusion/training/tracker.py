@@ -3,9 +3,12 @@ validation grid. accelerate does the writing; with `report_to = "none"` every ca
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 PROJECT_NAME = "loha_diffusion"  # the tracker run's project (wandb) / sub-folder of logging_dir (TensorBoard)
 
@@ -33,9 +36,23 @@ class Tracker:
         return self.report_to != "none"
 
     def start(self, cfg: TrainConfig) -> None:
-        """Create the tracker with the run's settings as hyperparameters (main process only)."""
-        if self.enabled:
-            self.accelerator.init_trackers(PROJECT_NAME, config=tracker_config(cfg))
+        """Create the tracker with the run's settings as hyperparameters (main process only).
+
+        `config.check_packages` refused a tracker whose package is missing before any model loaded; should
+        accelerate still leave it out (it drops a tracker it cannot use with a log line), logging is switched
+        off with a warning here, so the run does not fail at its end when the validation grid is logged.
+        """
+        if not self.enabled:
+            return
+        self.accelerator.init_trackers(PROJECT_NAME, config=tracker_config(cfg))
+        started = {getattr(tracker, "name", None) for tracker in self.accelerator.trackers}
+        if self.report_to not in started:
+            logger.warning(
+                "report_to = %r: accelerate did not start this tracker (is the package installed and "
+                "importable?); the run continues without experiment logging.",
+                self.report_to,
+            )
+            self.report_to = "none"
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Log scalars (`{"train/loss": 0.12, ...}`) at optimizer step `step`."""
