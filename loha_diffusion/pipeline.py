@@ -330,13 +330,16 @@ def from_pretrained_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def stored_dtypes(pipeline_dir: str | os.PathLike) -> dict[str, torch.dtype | None]:
     """The dtype each component of a diffusers pipeline folder stores its weights in: `{component folder:
     dtype}`, the most common floating dtype of the tensors in its `.safetensors` weight files (the files
-    `from_pretrained` reads without a `variant`). None for a component with no such files (`.bin` weights).
+    `from_pretrained` reads without a `variant`, else any, e.g. `model.fp16.safetensors`). None for a component
+    with `.bin` weights only.
 
     Only the file headers are read (no tensor data).
     """
     result: dict[str, torch.dtype | None] = {}
     for folder in sorted(p for p in Path(pipeline_dir).iterdir() if p.is_dir()):
-        files = [f for f in folder.iterdir() if _WEIGHT_FILE.match(f.name)]
+        files = [f for f in folder.iterdir() if _WEIGHT_FILE.match(f.name)] or sorted(
+            folder.glob("*.safetensors")
+        )
         if not files and not any(folder.glob("*.bin")):
             continue  # a tokenizer or scheduler: no weights
         dtypes = []

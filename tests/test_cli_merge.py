@@ -8,6 +8,7 @@ atomically and the command prints each component's dtype and size.
 from __future__ import annotations
 
 import errno
+import warnings
 
 import pytest
 import torch
@@ -146,3 +147,17 @@ def test_merge_refuses_to_write_over_its_base(capsys, fp16_pipeline_dir, lora_fi
         "--overwrite",
     )
     assert code == 1 and "base model's folder" in stderr
+
+
+def test_pipelines_load_in_a_dtype_without_a_future_warning(
+    tmp_path, capsys, tiny_sd1_pipeline_dir, lora_file
+):
+    # diffusers 0.40 renamed from_pretrained's torch_dtype to dtype (the old name warns); older ones know only
+    # torch_dtype.
+    assert set(lp.from_pretrained_dtype(torch.float16)) in ({"dtype"}, {"torch_dtype"})
+    image = tmp_path / "cat.png"
+    args = ["generate", "--pipeline", tiny_sd1_pipeline_dir, "--adapter", lora_file, "--prompt", "a cat"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = cli.main([*map(str, args), "--steps", "1", "--dtype", "bf16", "--out", str(image)])
+    assert code == 0 and image.is_file()

@@ -139,7 +139,7 @@ def _fused_ab(files):
     return pipe
 
 
-def test_delete_a_fused_adapter_refuses_the_others_exactly(lora_files):
+def test_delete_a_fused_adapter_keeps_the_others_fused_exactly(lora_files):
     pipe = _fused_ab(lora_files)
     lp.delete_adapter(pipe, "styleB")
     assert_same_state(pipe, fresh(lora_files, ["styleA"], fused=["styleA"]))
