@@ -318,7 +318,7 @@ def test_text_projection_loads_without_warning_and_exports_under_the_loaders_nam
 
     out = tmp_path / "export.safetensors"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # nor on export: ComfyUI maps the name written
         save_kohya(out, text_encoder_2=te2, dtype=torch.float32)
     written = load_file(str(out))
     assert {k.partition(".")[0] for k in written} == {"lora_te2_text_projection"}

@@ -303,6 +303,15 @@ def te_sublayer(kohya_name: str) -> tuple[int, str] | None:
     return int(index), sub
 
 
+def comfyui_maps_te_name(kohya_name: str) -> bool:
+    """Whether ComfyUI maps this text-encoder module name (`comfy/lora.py`, `model_lora_keys_clip`): the six
+    portable encoder-layer sublayers (`te_sublayer`), and OneTrainer's ``lora_te1_text_projection`` /
+    ``lora_te2_text_projection``. A1111 maps only the six (``text_projection`` is a bare parameter there)."""
+    if te_sublayer(kohya_name) is not None:
+        return True
+    return kohya_name in {to_kohya(p, m) for p in (TE1_PREFIX, TE2_PREFIX) for m in TE_TOP_LEVEL_MODULES}
+
+
 def unet_name_candidates(path: str, layout: UNetLayout | None) -> list[str]:
     """Every Kohya-style name a file may use for this diffusers UNet module: ``lora_unet_`` + diffusers path,
     ``lora_unet_`` + LDM path (when it has one), and LyCORIS' generic ``lycoris_`` + diffusers path."""

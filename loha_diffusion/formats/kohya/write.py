@@ -184,7 +184,9 @@ def _add_text_encoder_names(
             if name in names:
                 problems["names"].append(f"{component}.{path} and another module both get the name {name}")
             names[name] = item
-    nonportable = [n for n in names if not n.startswith(naming.UNET_PREFIX) and naming.te_sublayer(n) is None]
+    nonportable = [
+        n for n in names if not n.startswith(naming.UNET_PREFIX) and not naming.comfyui_maps_te_name(n)
+    ]
     if nonportable:
         warnings.warn(
             f"{len(nonportable)} text-encoder modules are not among q/k/v/out_proj, fc1, fc2 of the encoder layers "
