@@ -9,25 +9,33 @@ import math
 import os
 import pickle
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from test_training_loop import base_flags, make_dataset
 
+from loha_diffusion.config import LoHaConfig
 from loha_diffusion.errors import ConfigError
+from loha_diffusion.model import inject_adapter
 from loha_diffusion.training.checkpoint import (
     MANIFEST,
+    Resumable,
+    TrainState,
     checkpoint_folders,
     list_checkpoints,
+    load_checkpoint,
     prune_checkpoints,
     read_checkpoint_state,
     resolve_resume_path,
+    save_checkpoint,
     write_checkpoint,
 )
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.loop import main, train
 from loha_diffusion.training.models import (
+    ADAPTER_NAME,
     apply_optimizer_settings,
     make_lr_scheduler,
     make_optimizer,
@@ -274,3 +282,53 @@ def test_resumed_optimizer_takes_the_new_settings_and_schedule():
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * cosine[3], rel=1e-12)
+
+
+def test_save_and_load_restore_everything_with_a_gradient_scaler(tmp_path):
+    """The fp16 path (a gradient scaler) with a stand-in accelerator: adapters, optimizer, scheduler, scaler,
+    accumulation counter, progress and random state come back; another batch geometry is refused."""
+
+    def build(scale: float):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        inject_adapter(model, LoHaConfig(r=2, target_modules=["0"], init_weights=False), ADAPTER_NAME)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+        accelerator = SimpleNamespace(
+            scaler=torch.amp.GradScaler("cpu", init_scale=scale),
+            step=0,
+            process_index=0,
+            num_processes=1,
+            is_main_process=True,
+            wait_for_everyone=lambda: None,
+        )
+        return model, params, optimizer, scheduler, accelerator
+
+    model, params, optimizer, scheduler, accelerator = build(1024.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    scheduler.step()
+    accelerator.step = 2
+    state = TrainState(global_step=1, update_steps_per_epoch=5, total_batch_size=2, seed=3)
+    resumable = Resumable({"unet": model}, optimizer, scheduler, state)
+    torch.manual_seed(7)
+    path = save_checkpoint(accelerator, tmp_path, 1, None, resumable, record={"step": 1})
+    expected_draw = torch.rand(3)
+    assert {"scaler.json", "random_states_0.json", "random_states_0.safetensors"} <= {
+        p.name for p in path.iterdir()
+    }
+
+    model2, params2, optimizer2, scheduler2, accelerator2 = build(1.0)
+    state2 = TrainState(update_steps_per_epoch=5, total_batch_size=2, seed=3)
+    torch.manual_seed(0)
+    load_checkpoint(accelerator2, path, Resumable({"unet": model2}, optimizer2, scheduler2, state2))
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert state2 == state and accelerator2.step == 2 and accelerator2.scaler.get_scale() == 1024.0
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr() == [5e-3]
+    for i, entry in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(v, optimizer2.state_dict()["state"][i][k]) for k, v in entry.items())
+    other = TrainState(update_steps_per_epoch=4, total_batch_size=2, seed=3)
+    with pytest.raises(ConfigError, match=r"\(5, 2, 3\), this run has \(4, 2, 3\)"):
+        load_checkpoint(accelerator2, path, Resumable({"unet": model2}, optimizer2, scheduler2, other))

@@ -454,10 +454,10 @@ def save_checkpoint(
     return path
 
 
-def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+def verify_checkpoint(path: str | Path, *, warn_unlisted: bool = True) -> dict[str, Any]:
     """Check that checkpoint folder `path` is complete and that every file is the one its save wrote (the
     sha256 in the manifest); files it does not list (accelerate's `optimizer.bin`, ...) are never read and
-    are named in a warning. Returns the manifest.
+    are named in a warning (unless `warn_unlisted` is False). Returns the manifest.
 
     Raises:
         ConfigError: the folder is incomplete, or a file differs from what was written (the message names it).
@@ -470,7 +470,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     for name in manifest["files"]:
         _read_verified(path, manifest, name)
     extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in manifest["files"])
-    if extra:
+    if extra and warn_unlisted:
         logger.warning(
             "%s: ignoring files its %s does not list (never read): %s", path, MANIFEST, ", ".join(extra)
         )
@@ -528,7 +528,7 @@ def load_checkpoint(accelerator: Any, path: str | Path, resumable: Resumable) ->
             this process's random state, or its optimizer state does not fit this optimizer.
     """
     path = Path(path)
-    manifest = verify_checkpoint(path)
+    manifest = verify_checkpoint(path, warn_unlisted=False)  # check_resume has named unlisted files
     state = resumable.state
     expected = state.geometry
     progress = _read_state(path, manifest, TRAIN_STATE)
