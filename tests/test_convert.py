@@ -187,3 +187,17 @@ def test_overwritten_peft_output_keeps_no_old_component(tmp_path, sd1_loha, tiny
             convert.peft_folder_to_peft(out, out, meta_models(tiny_sd1_pipeline_dir))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft", "unet_only"]
+
+
+def test_peft_output_errors_name_the_folder_not_its_temporary(tmp_path):
+    """A failure inside the whole-folder write names the folder the user asked for."""
+    from loha_diffusion.errors import NonFiniteError
+
+    out = tmp_path / "style_peft"
+    with pytest.raises(NonFiniteError) as info:
+        with convert.peft_output_folder(out) as tmp:
+            raise NonFiniteError(
+                f"refusing to write {tmp / 'unet' / 'adapter_model.safetensors'}: NaN in to_q"
+            )
+    assert str(info.value) == f"refusing to write {out / 'unet' / 'adapter_model.safetensors'}: NaN in to_q"
+    assert list(tmp_path.iterdir()) == []

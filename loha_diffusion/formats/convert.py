@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..errors import KohyaFormatError, PeftFormatError, format_problems
+from ..errors import KohyaFormatError, LoHaDiffusionError, PeftFormatError, format_problems
 from ..files import atomic_directory
 from ..utils import most_common
 from . import naming
@@ -408,9 +409,30 @@ def _write_peft_folders(
     out_dir: str | os.PathLike, models: Mapping[str, nn.Module], dtype: torch.dtype | None
 ) -> list[str]:
     """`save_peft` of the models' "convert" adapter as the folder `out_dir`, written whole
-    (`files.atomic_directory`: a kill leaves the old folder or the new one, and an overwritten folder keeps no
-    component of the old adapter). Returns the component names written."""
-    with atomic_directory(out_dir) as tmp:
+    (`peft_output_folder`). Returns the component names written."""
+    with peft_output_folder(out_dir) as tmp:
         save_peft(tmp, adapter_name=_ADAPTER_NAME, dtype=dtype, **models)
         written = sorted(p.parent.name for p in tmp.rglob("adapter_config.json"))
     return written
+
+
+@contextmanager
+def peft_output_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """`files.atomic_directory(directory)` for a PEFT adapter folder with several components: it appears
+    whole or not at all, so a kill never leaves one component of a new adapter beside one of an old one (or
+    alone), and an existing folder is replaced without leftovers. The errors raised inside (a non-finite
+    tensor, a full disk) name `directory`, not the temporary folder they were written to.
+
+    Raises:
+        OutputWriteError: no space left, or no permission (the previous folder is unchanged).
+        OSError: any other error of the filesystem.
+    """
+    directory = Path(directory)
+    tmp: Path | None = None
+    try:
+        with atomic_directory(directory) as tmp:
+            yield tmp
+    except (LoHaDiffusionError, OSError) as exc:
+        if tmp is not None and exc.args and isinstance(exc.args[0], str):
+            exc.args = (exc.args[0].replace(str(tmp), str(directory)), *exc.args[1:])
+        raise

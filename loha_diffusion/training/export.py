@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from ..formats.convert import peft_output_folder
 from ..formats.kohya import save_kohya
 from ..formats.kohya.metadata import public_name
 from ..formats.peft import save_peft
@@ -144,14 +145,23 @@ def export_peft(
     """Write the PEFT-format folder(s) (`<dir>/unet/`, and `<dir>/text_encoder/` if trained) in
     `save_precision`; returns `directory`.
 
+    The folder is written whole (`formats.convert.peft_output_folder`): a kill during the export leaves the
+    previous folder or the new one, never a mix of two runs' components.
+
     Raises:
         PeftFormatError: the adapters cannot be written in PEFT's format (checked before anything is written).
+        NonFiniteError: a tensor is non-finite or overflows `save_precision` (nothing is written).
+        OutputWriteError: no space left, or no permission (the previous folder is unchanged).
         OSError: the folder cannot be written.
     """
-    return save_peft(
-        directory,
-        unet=unet,
-        text_encoder=text_encoder,
-        adapter_name=ADAPTER_NAME,
-        dtype=torch_dtype(cfg.save_precision),
-    )
+    directory = Path(directory)
+    with peft_output_folder(directory) as tmp:
+        save_peft(
+            tmp,
+            unet=unet,
+            text_encoder=text_encoder,
+            adapter_name=ADAPTER_NAME,
+            dtype=torch_dtype(cfg.save_precision),
+        )
+    logger.info("wrote %s", directory)
+    return directory
