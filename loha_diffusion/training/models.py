@@ -2,6 +2,11 @@
 configs the run injects; the trainable parameters, the optimizer and its learning-rate schedule; and the
 weightless (`meta` device) models the dry run plans on.
 
+Where the base model is read from (`resolve_base_model`): a local folder as it is; a hub id from the hub, or
+from the local Hugging Face cache alone with `HF_HUB_OFFLINE` set or when one quick request finds the hub
+unreachable, so a run without network fails (or starts from the cache) at once instead of after minutes of
+huggingface_hub's download retries.
+
 Everything here reads a `TrainConfig`; the loop (`loop.py`) calls these steps in diffusers' order.
 """
 
