@@ -24,7 +24,7 @@ from loha_diffusion.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ["--train_data_dir", "data", "--max_train_steps", "1"]
-HANG_GUARD_S = 30  # these cases answer in well under a second; the guard only catches a retry storm
+HANG_GUARD_S = 10  # these cases answer in well under a second; the guard only catches a retry storm
 
 
 def flags(model: str | Path, *more: str) -> list[str]:
