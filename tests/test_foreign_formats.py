@@ -427,3 +427,32 @@ def test_foreign_keys_are_parsed_as_diffusers_does():
     assert foreign.parse_key("lora_te1_x.lora_B.weight").kohya
     assert foreign.config_scaling({"r": 4, "lora_alpha": 8, "rank_pattern": {"to_q": 2}}, "a.to_q") == 4.0
     assert foreign.config_scaling({"r": 4, "lora_alpha": 8, "use_rslora": True}, "a.to_k") == 4.0
+
+
+def test_kohya_alpha_expresses_the_writers_scale():
+    lora = {"lora_down.weight": torch.ones(4, 8), "lora_up.weight": torch.ones(8, 4)}
+    foreign._set_alpha(lora, 0.5)
+    assert lora["alpha"].item() == 2.0  # alpha / rank = 0.5
+    # A LoKr with both halves full has no alpha in Kohya files (scale 1 in every loader): the scale goes in w1.
+    w1 = torch.full((2, 2), 3.0, dtype=torch.float16)
+    lokr = {"lokr_w1": w1, "lokr_w2": torch.ones(4, 4, dtype=torch.float16)}
+    foreign._set_alpha(lokr, 2.0)
+    assert (
+        "alpha" not in lokr
+        and torch.equal(lokr["lokr_w1"], w1 * 2)
+        and lokr["lokr_w1"].dtype == torch.float16
+    )
+    kept = {**lora, "alpha": torch.tensor(3.0)}
+    foreign._set_alpha(kept, 5.0)  # an alpha tensor in the file wins (alpha / rank, as ComfyUI applies it)
+    assert kept["alpha"].item() == 3.0
+
+
+def test_dora_in_a_diffusers_file_is_refused_by_name(tmp_path):
+    pipe = build_tiny_pipeline("sd1")
+    _inject(pipe.unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], use_dora=True))
+    state = get_peft_model_state_dict(pipe.unet)
+    assert any("lora_magnitude_vector" in k for k in state)
+    path = tmp_path / "dora.safetensors"
+    save_file({f"unet.{k}": v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(KohyaFormatError, match="dora_scale .DoRA"):
+        load_adapter(build_tiny_pipeline("sd1"), path)

@@ -76,6 +76,7 @@ _TENSOR_RULES: tuple[tuple[re.Pattern[str], str | None, bool], ...] = (
     # DoRA and trained LoRA biases: kept under names the Kohya reader reports as unusable.
     (re.compile(rf"(?P<module>.+)\.lora_magnitude_vector{_ADAPTER}(?:\.weight)?"), "dora_scale", True),
     (re.compile(rf"(?P<module>.+)\.lora_B{_ADAPTER}\.bias"), "lora_up.bias", True),
+    (re.compile(rf"(?P<module>.+)\.(?P<tensor>lora_embedding_[AB]){_ADAPTER}"), None, True),
     (
         re.compile(
             rf"(?P<module>.+)\.(?P<tensor>hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2){_ADAPTER}"
@@ -209,7 +210,7 @@ def identify_unsupported(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, s
 
 
 def _refusal(what: str, fix: str) -> KohyaFormatError:
-    return KohyaFormatError(f"This file looks like {what}. {fix[0].upper()}{fix[1:]}.")
+    return KohyaFormatError(f"This file looks like {what}: {fix}.")
 
 
 # -- scales -----------------------------------------------------------------------------------------------------
