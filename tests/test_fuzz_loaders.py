@@ -21,6 +21,8 @@ import io
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import struct
 import time
@@ -446,8 +448,6 @@ def make_kohya_mutant(source: Path, dst: Path, rng: random.Random) -> tuple[str,
 
 
 def make_peft_mutant(source: Path, dst: Path, rng: random.Random) -> tuple[str, bool]:
-    import shutil
-
     shutil.copytree(source, dst)
     component = dst / rng.choice(["unet", "text_encoder"])
     config, weights = component / "adapter_config.json", component / "adapter_model.safetensors"
@@ -511,3 +511,110 @@ def test_fuzzed_adapter_files_fail_cleanly(sources, tmp_path, tiny_sd1_pipeline_
     assert not campaign.failures, "\n\n".join(campaign.failures[:10]) + f"\n({len(campaign.failures)} in all)"
     refused = sum(n for k, n in campaign.outcomes.items() if "Error" in k)
     assert refused > CASES  # the mutants are mostly refused: the campaign did exercise the checks
+
+
+# -- the cases the issue names, each asserted on its own ------------------------------------------------------
+
+NAN = float("nan")
+PEFT_FIELD_CASES = [
+    # (source, field, value, what the message says)
+    ("peft_loha", "r", 1_000_000, "r=1000000"),  # hung: a 1e6-rank factor per layer
+    ("peft_loha", "r", 10**9, "r=1000000000"),  # hung: a 64 GB allocation
+    ("peft_loha", "r", 0, "r must be an integer >= 1"),
+    ("peft_loha", "r", True, "r must be an integer >= 1"),
+    ("peft_loha", "r", "4", "r must be an integer >= 1"),
+    ("peft_loha", "alpha", NAN, "alpha must be a finite number >= 0"),
+    ("peft_loha", "alpha", float("inf"), "alpha must be a finite number >= 0"),
+    ("peft_loha", "alpha", -4, "alpha must be a finite number >= 0"),
+    ("peft_loha", "alpha", 3e38, "beyond float16's range"),
+    ("peft_loha", "alpha", True, "alpha must be a number"),
+    ("peft_lora", "lora_alpha", NAN, "lora_alpha must be a finite number >= 0"),
+    ("peft_loha", "target_modules", "[(", "not a valid regular expression"),
+    ("peft_loha", "target_modules", 5, "target_modules must be a regex string or a list"),
+    ("peft_loha", "rank_pattern", {"(": 4}, "not a valid regular expression"),
+    ("peft_loha", "rank_pattern", {"to_q": "x"}, "must be an integer >= 1"),
+    ("peft_loha", "rank_pattern", {"to_q": 10**9}, "r=1000000000"),
+    ("peft_loha", "alpha_pattern", {"to_q": NAN}, "must be a finite number >= 0"),
+    ("peft_loha", "alpha_pattern", {"[": 1.0}, "not a valid regular expression"),
+    ("peft_loha", "use_effective_conv2d", "yes", "must be true or false"),
+    ("peft_loha", "layers_to_transform", "x", "layers_to_transform must be an integer"),
+    ("peft_loha", "rank_dropout", 2, "rank_dropout must be a number in [0, 1)"),
+    ("peft_loha", "peft_type", 5, "peft_type must be a string"),
+]
+
+
+@pytest.mark.parametrize("source,field,value,message", PEFT_FIELD_CASES, ids=lambda v: repr(v)[:20])
+def test_peft_config_fields_are_checked_before_anything_is_allocated(
+    sources, tmp_path, tiny_sd1_pipeline_dir, source, field, value, message
+):
+    folder = tmp_path / "adapter"
+    shutil.copytree(sources[source], folder)
+    config_path = folder / "unet" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, field: value}))
+    campaign = Campaign(tiny.build_tiny_pipeline("sd1"), tiny_sd1_pipeline_dir)
+    start = time.perf_counter()
+    with hang_guard(CASE_LIMIT_S * 3), pytest.raises(LoHaDiffusionError, match=re.escape(message)) as info:
+        load_peft(folder, adapter_name="fz", **pipeline.adapter_components(campaign.pipe))
+    assert time.perf_counter() - start < CASE_LIMIT_S
+    assert str(folder) in str(info.value)
+    assert not changes(campaign.pipe, campaign.before)
+
+
+@pytest.mark.parametrize("victim", ["text_encoder/adapter_config.json", "unet/adapter_model.safetensors"])
+def test_incomplete_peft_pipeline_folder_is_refused_not_half_loaded(
+    sources, tmp_path, tiny_sd1_pipeline_dir, victim
+):
+    folder = tmp_path / "adapter"
+    shutil.copytree(sources["peft_lora"], folder)
+    (folder / victim).unlink()
+    campaign = Campaign(tiny.build_tiny_pipeline("sd1"), tiny_sd1_pipeline_dir)
+    with pytest.raises(LoHaDiffusionError, match=re.escape(str(folder / victim))):
+        pipeline.load_adapter(campaign.pipe, folder, "fz")
+    assert not changes(campaign.pipe, campaign.before)
+
+
+KOHYA_CASES = [
+    # (tensor to change: "alpha" or "factor", new value, what the message says)
+    ("alpha", torch.tensor(NAN), "alpha is nan"),
+    ("alpha", torch.tensor(float("inf")), "alpha is inf"),
+    ("alpha", torch.tensor(-4.0), "alpha -4 is negative"),
+    ("alpha", torch.tensor(3e38), "beyond float16's range"),
+    ("alpha", torch.tensor(True), "alpha must be a real number"),
+    ("alpha", torch.ones(2), "alpha must be a 0-dim or 1-element tensor"),
+    ("factor", NAN, "NaN or infinite values in ['hada_w1_a']"),
+    ("factor", 1e30, "beyond float16's range"),
+]
+
+
+@pytest.mark.parametrize("target,value,message", KOHYA_CASES, ids=lambda v: repr(v)[:20])
+def test_kohya_bad_values_are_refused_by_every_entry_point(
+    sources, tmp_path, tiny_sd1_pipeline_dir, target, value, message
+):
+    tensors = load_file(str(sources["loha"]))
+    module = sorted(k for k in tensors if k.endswith(".hada_w1_a"))[0].rsplit(".", 1)[0]
+    if target == "alpha":
+        tensors[f"{module}.alpha"] = value
+    elif isinstance(value, float) and value != value:
+        tensors[f"{module}.hada_w1_a"] = tensors[f"{module}.hada_w1_a"].clone()
+        tensors[f"{module}.hada_w1_a"][0, 0] = value
+    else:
+        tensors[f"{module}.hada_w1_a"] = tensors[f"{module}.hada_w1_a"] * value
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    campaign = Campaign(tiny.build_tiny_pipeline("sd1"), tiny_sd1_pipeline_dir)
+    models = pipeline.adapter_components(campaign.pipe)
+    for load in (
+        lambda: load_kohya(path, adapter_name="fz", **models),
+        lambda: pipeline.load_adapter(campaign.pipe, path, "fz"),
+    ):
+        with pytest.raises(LoHaDiffusionError, match=re.escape(message)) as info:
+            load()
+        assert str(path) in str(info.value) and module in str(info.value)
+        assert not changes(campaign.pipe, campaign.before)
+    campaign.cli("bad", path, ["inspect", str(path)], must_fail=True)
+    campaign.cli("bad", path, ["verify", str(path), "--pipeline", str(tiny_sd1_pipeline_dir)], must_fail=True)
+    assert not campaign.failures, campaign.failures
+    if target == "factor" or value.dtype != torch.bool and value.numel() == 1:
+        # The opt-in loads what the default refuses (the caller then owns the NaN/Inf).
+        assert load_kohya(path, adapter_name="fz", allow_non_finite=True, **models) == "fz"

@@ -154,7 +154,7 @@ def load_kohya(
     names = kohya_name_map(unet, text_encoder, text_encoder_2)
     bad_modules = [f"{m.name}: {p}" for m in kfile.modules.values() for p in m.problems]
     built, unmatched, shape_errors, duplicates = _build_adapters(kfile, names)
-    bad_values = [] if allow_non_finite else kfile.value_problems + _overflowing(built, scale)
+    bad_values = [] if allow_non_finite else kfile.value_problems + _overflowing(built, names, kfile, scale)
 
     if kfile.problems or bad_modules or unmatched or shape_errors or duplicates or bad_values:
         hints = _mismatch_hints(kfile, unet, text_encoder, text_encoder_2, unmatched)
@@ -241,15 +241,21 @@ def delta_peak(adapter: Adapter, limit: float) -> float | None:
 MAX_DELTA = float(torch.finfo(torch.float16).max)
 
 
-def _overflowing(built: dict[tuple[str, str], Adapter], scale: float) -> list[str]:
-    """Adapters whose ΔW (user `scale` applied) is not finite or exceeds `MAX_DELTA` (float16's range)."""
+def _overflowing(
+    built: dict[tuple[str, str], Adapter], names: dict[str, ModuleTarget], kfile: KohyaFile, scale: float
+) -> list[str]:
+    """File modules whose ΔW (user `scale` applied) is not finite or exceeds `MAX_DELTA` (float16's range)."""
     found = []
-    for (component, path), adapter in built.items():
+    for name in kfile.modules:
+        target = names.get(name)
+        adapter = built.get((target.component, target.path)) if target is not None else None
+        if adapter is None:
+            continue
         peak = delta_peak(adapter, MAX_DELTA / max(abs(scale), 1e-30))
         if peak is not None:
             found.append(
-                f"{component}.{path}: the delta reaches {peak * abs(scale):.3g} at scale {scale:g}, beyond "
-                f"float16's range ({MAX_DELTA:g}): Inf in half precision"
+                f"{name} ({target.component}.{target.path}): the delta reaches {peak * abs(scale):.3g} at scale "
+                f"{scale:g}, beyond float16's range ({MAX_DELTA:g}): Inf in half precision"
             )
     return found
 
