@@ -410,3 +410,50 @@ def test_programming_errors_are_not_swallowed(monkeypatch, sd1_loha):
     monkeypatch.setattr(kohya_format, "read_kohya", buggy)
     with pytest.raises(TypeError, match="a planted bug"):
         cli.main(["inspect", str(sd1_loha)])
+
+
+def test_inspect_warns_and_verify_fails_on_non_finite_and_overflowing_values(
+    tmp_path, capsys, sd1_loha, tiny_sd1_pipeline_dir
+):
+    """NaN/Inf factors, an alpha loaders cannot use, and a delta beyond float16's range (Inf in ComfyUI/A1111
+    at half precision): inspect lists them as warnings (exit 1), verify FAILs the module."""
+    tensors = load_file(str(sd1_loha))
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".hada_w1_a")})
+    nan, huge, bad_alpha = names[:3]
+    tensors[f"{nan}.hada_w2_a"] = tensors[f"{nan}.hada_w2_a"].clone()
+    tensors[f"{nan}.hada_w2_a"][0, 0] = float("nan")
+    tensors[f"{huge}.hada_w1_a"] = tensors[f"{huge}.hada_w1_a"] * 1e9  # finite factors, delta > 65,504
+    tensors[f"{bad_alpha}.alpha"] = torch.tensor(-4.0)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+
+    assert cli.main(["inspect", str(bad)]) == 1
+    out = capsys.readouterr().out
+    warnings_part = out.split("warnings:")[1]
+    assert "3 (NaN/Inf or overflowing values" in warnings_part
+    assert f"{nan}: NaN or infinite values in ['hada_w2_a']" in warnings_part
+    assert re.search(rf"{huge}: the delta reaches \S+, beyond float16's range \(65504\)", warnings_part)
+    assert f"{bad_alpha}: alpha -4 is negative" in warnings_part
+
+    assert cli.main(["verify", str(bad), "--pipeline", str(tiny_sd1_pipeline_dir), "--failures-only"]) == 1
+    out = capsys.readouterr().out
+    fails = {line.split()[1]: line for line in out.splitlines() if line.startswith("FAIL  lora_")}
+    assert set(fails) == {nan, huge, bad_alpha}
+    assert "NaN or infinite values" in fails[nan] and "alpha -4 is negative" in fails[bad_alpha]
+    assert "beyond the range of float16/float32 (65504)" in fails[huge]
+    assert "FAIL: 223/226 modules" in out
+
+
+def test_inspect_and_verify_of_empty_files(tmp_path, capsys, tiny_sd1_pipeline_dir):
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    no_modules = tmp_path / "no_modules.safetensors"
+    save_file({}, str(no_modules), metadata={"ss_network_module": "networks.lora"})
+    for command in (["inspect"], ["verify", "--pipeline", str(tiny_sd1_pipeline_dir)]):
+        assert cli.main([command[0], str(empty), *command[1:]]) == 1
+        err = capsys.readouterr().err
+        assert f"{empty} is empty (0 bytes)" in err and "Traceback" not in err
+    assert cli.main(["inspect", str(no_modules)]) == 1
+    assert f"{no_modules} holds no adapter modules" in capsys.readouterr().err
+    assert cli.main(["verify", str(no_modules), "--pipeline", str(tiny_sd1_pipeline_dir)]) == 1
+    assert f"FAIL  file: {no_modules} holds no adapter modules" in capsys.readouterr().out
