@@ -84,9 +84,13 @@ def test_only_complete_checkpoints_count(tmp_path, caplog):
     (tmp_path / "checkpoint-3" / "unet_adapter.safetensors").write_bytes(b"x")
     (tmp_path / "checkpoint-4" / "unet_adapter.safetensors").unlink()
     (tmp_path / "checkpoint-5").mkdir()  # created, killed before anything was written
+    make_checkpoints(tmp_path / "more", [6])
+    (tmp_path / "more" / "checkpoint-6").rename(tmp_path / "checkpoint-6")
+    (tmp_path / "checkpoint-6" / "unet_adapter.safetensors").unlink()
+    (tmp_path / "checkpoint-6" / "unet_adapter.safetensors").symlink_to("/dev/zero")  # would never end
     with caplog.at_level("WARNING", logger="loha_diffusion"):
         assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
-    for n in (2, 3, 4, 5):
+    for n in (2, 3, 4, 5, 6):
         assert f"ignoring {tmp_path / f'checkpoint-{n}'}, not a complete checkpoint" in caplog.text
     assert resolve_resume_path(config(tmp_path, "latest")).name == "checkpoint-1"
     expected = {
@@ -94,12 +98,13 @@ def test_only_complete_checkpoints_count(tmp_path, caplog):
         "checkpoint-3": "has 1 bytes, checkpoint.json says 3",
         "checkpoint-4": "unet_adapter.safetensors is missing",
         "checkpoint-5": "did not complete",
+        "checkpoint-6": "unet_adapter.safetensors is missing or not a regular file",
     }
     for name, why in expected.items():
         with pytest.raises(ConfigError, match=f"{name}.* is not a complete checkpoint: .*{why}"):
             resolve_resume_path(config(tmp_path, name))
     assert prune_checkpoints(tmp_path, 1, keep=tmp_path / "checkpoint-1") == []
-    assert len(checkpoint_folders(tmp_path)) == 5
+    assert len(checkpoint_folders(tmp_path)) == 6
     (tmp_path / "checkpoint-1" / MANIFEST).write_text(json.dumps({"format": "other"}))
     with pytest.raises(ConfigError, match="(?s)no complete checkpoint.*checkpoint-1.*not a loha_diffusion"):
         resolve_resume_path(config(tmp_path, "latest"))  # not a silent restart from step 0

@@ -243,7 +243,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     for name, entry in manifest["files"].items():
         file = path / name
         if not file.is_file():
-            return f"{file} is missing"
+            return f"{file} is missing or not a regular file"
         if file.stat().st_size != entry["size"]:
             return f"{file} has {file.stat().st_size} bytes, {MANIFEST} says {entry['size']}"
     return None
@@ -481,7 +481,13 @@ def _read_verified(path: Path, manifest: dict[str, Any], name: str) -> bytes:
     entry = manifest["files"].get(name)
     if entry is None:
         raise ConfigError(f"cannot resume from {path}: it has no {name} ({MANIFEST} does not list it)")
-    data = (path / name).read_bytes()
+    file = path / name
+    if not file.is_file():  # also a link to a device such as /dev/zero, which would never end
+        raise ConfigError(f"cannot resume from {path}: {file} is missing or not a regular file")
+    with open(file, "rb") as f:
+        data = f.read(
+            entry["size"] + 1
+        )  # no more than the manifest promises: a swapped file cannot flood memory
     if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise ConfigError(
             f"cannot resume from {path}: {path / name} is not the file this checkpoint's save wrote (its "
