@@ -456,3 +456,43 @@ def test_dora_in_a_diffusers_file_is_refused_by_name(tmp_path):
     save_file({f"unet.{k}": v.contiguous() for k, v in state.items()}, str(path))
     with pytest.raises(KohyaFormatError, match="dora_scale .DoRA"):
         load_adapter(build_tiny_pipeline("sd1"), path)
+
+
+def test_comfyui_lora_save_layout(tmp_path, tiny_sdxl_pipeline, kohya_files):
+    """ComfyUI's LoraSave node writes `diffusion_model.<LDM path>.lora_up.weight` and
+    `text_encoders.clip_l|clip_g.transformer.<CLIP path>...`: the same file under those names loads with the same
+    deltas as under Kohya names; its full-difference patches (`.diff_b`) are refused by name."""
+    from loha_diffusion.formats import naming
+
+    pipe = tiny_sdxl_pipeline
+    kohya_path = tmp_path / "kohya.safetensors"
+    targets = kohya_files.write(kohya_path, pipe, algo="lora", rank=2, alpha=3.0)
+    layout = naming.UNetLayout.from_config(pipe.unet)
+    clips = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    comfy = {}
+    for key, tensor in load_file(str(kohya_path)).items():
+        module, _, tensor_name = key.partition(".")
+        component, path = targets[module]
+        if component == "unet":
+            stem = f"diffusion_model.{naming.diffusers_to_ldm(path, layout)}"
+        else:
+            stem = f"text_encoders.{clips[component]}.transformer.text_model.{naming.text_encoder_relative_path(path)}"
+        comfy[f"{stem}.{tensor_name}"] = tensor
+    comfy_path = tmp_path / "comfy.safetensors"
+    save_file(comfy, str(comfy_path))
+    assert read_kohya(comfy_path).guess_architecture() == "sdxl"
+    fresh = build_tiny_pipeline("sdxl")
+    models = {c: getattr(fresh, c) for c in COMPONENTS}
+    load_kohya(comfy_path, **models, adapter_name="comfy")
+    load_kohya(kohya_path, **models, adapter_name="kohya")
+    for component, model in models.items():
+        for path, layer in adapter_layers(model).items():
+            a = layer.adapters["comfy"].delta_weight().detach()
+            assert torch.equal(a, layer.adapters["kohya"].delta_weight().detach()), f"{component}.{path}"
+    assert sum(len(adapter_layers(m)) for m in models.values()) == len(targets)
+    comfy["diffusion_model.input_blocks.4.1.proj_in.diff_b"] = torch.zeros(32)
+    save_file(comfy, str(comfy_path))
+    with pytest.raises(
+        KohyaFormatError, match=r"lora_unet_input_blocks_4_1_proj_in: unsupported tensors \['diff_b'\]"
+    ):
+        load_kohya(comfy_path, **{c: getattr(build_tiny_pipeline("sdxl"), c) for c in COMPONENTS})

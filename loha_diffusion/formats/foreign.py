@@ -13,6 +13,9 @@ Layouts recognised (each as the tool that writes it, and as diffusers' own conve
   with an adapter name (`lora_A.default.weight`, `model.state_dict()`), and PEFT's LoHa (`hada_w1_a`, ...) and LoKr
   (`lokr_w1`, ...) tensors, whose names and shapes are the Kohya ones (docs/kohya-format.md section 10);
 * Kohya module names with PEFT tensor names (`lora_unet_..._to_q.lora_A.weight`), which ComfyUI loads;
+* ComfyUI's LoraSave layout (`comfy_extras/nodes_lora_extract.py`): `diffusion_model.<LDM path>.lora_up.weight`,
+  `text_encoders.clip_l.transformer.<CLIP path>.lora_down.weight` (`clip_g` for SDXL's second encoder); its
+  full-difference patches (`.diff`, `.diff_b`) are kept under their names, which the Kohya reader refuses;
 * embeddings bundled by A1111 (`bundle_emb.*`): split off (`formats.embeddings`), with a warning that they are not
   applied here;
 * `<prefix>_text_model_text_projection`, the name loha_diffusion wrote for a text projection before it wrote
@@ -56,6 +59,15 @@ COMPONENT_PREFIXES = (
     ("text_encoder.", "text_encoder"),
 )
 PEFT_PREFIX = "base_model.model."
+# ComfyUI's LoraSave node (`comfy_extras/nodes_lora_extract.py`): the UNet under `diffusion_model.` with LDM paths,
+# text encoders under `text_encoders.<clip_l|clip_h|clip_g>.transformer.` with transformers' CLIP paths.
+COMFY_PREFIXES = (
+    ("diffusion_model.", "unet"),
+    ("text_encoders.clip_l.transformer.", "text_encoder"),
+    ("text_encoders.clip_h.transformer.", "text_encoder"),
+    ("text_encoders.clip_g.transformer.", "text_encoder_2"),
+)
+_LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers/loaders/lora_base.py, LORA_ADAPTER_METADATA_KEY
 KOHYA_MODULE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -85,6 +97,8 @@ _TENSOR_RULES: tuple[tuple[re.Pattern[str], str | None, bool], ...] = (
         False,
     ),
     (re.compile(r"(?P<module>.+)\.alpha"), "alpha", False),
+    # Kohya tensor names under dotted module paths (ComfyUI's LoraSave), and its full-difference patches.
+    (re.compile(r"(?P<module>.+)\.(?P<tensor>lora_(?:up|down|mid)\.weight|diff|diff_b)"), None, False),
 )
 
 
@@ -99,11 +113,12 @@ class ForeignKey:
     tensor: str
     adapter: str | None = None
     kohya: bool = False
+    ldm: bool = False  # `path` is an LDM/SGM UNet path (ComfyUI's `diffusion_model.` keys)
 
 
 def _locate(module: str) -> tuple[str | None, str]:
     """(component, module path) of a key's module part: a component prefix, then PEFT's `base_model.model.`."""
-    for prefix, component in COMPONENT_PREFIXES:
+    for prefix, component in COMPONENT_PREFIXES + COMFY_PREFIXES:
         if module.startswith(prefix):
             return component, module[len(prefix) :].removeprefix(PEFT_PREFIX)
     path = module.removeprefix(PEFT_PREFIX)
@@ -143,6 +158,10 @@ def parse_key(key: str) -> ForeignKey | None:
         component, path = _locate(module)
         if component is None and not foreign_only:
             return None
+        if component == "unet" and module.startswith("diffusion_model."):
+            if not path.startswith(_LDM_ROOTS):
+                return ForeignKey(None, path, tensor, adapter)  # another model's `diffusion_model.`
+            return ForeignKey(component, path, tensor, adapter, ldm=True)
         return ForeignKey(component, _normalise(component, path), tensor, adapter)
     return None
 
@@ -283,7 +302,9 @@ class _Names:
         self.arch = arch
         self.layout = naming.standard_layout("sdxl") if arch == "sdxl" else None
 
-    def __call__(self, component: str, path: str) -> str:
+    def __call__(self, component: str, path: str, ldm: bool = False) -> str:
+        if component == "unet" and ldm:
+            return naming.to_kohya(naming.UNET_PREFIX, path)  # LDM names load onto SD1 and SDXL UNets alike
         if component == "unet":
             if self.layout is not None:
                 try:
@@ -328,7 +349,7 @@ def _group(
     origin: dict[str, ForeignKey] = {}
     clashes = []
     for key, p in parsed.items():
-        name = p.path if p.kohya else names(p.component, p.path)
+        name = p.path if p.kohya else names(p.component, p.path, p.ldm)
         tensors = modules.setdefault(name, {})
         if p.tensor in tensors:
             clashes.append(f"{key} -> {name}.{p.tensor}")

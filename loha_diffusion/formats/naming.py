@@ -385,9 +385,14 @@ TE_ROOTS = frozenset({"text_model", "encoder", "embeddings", "final_layer_norm",
 # Diffusers UNet paths only one of the two layouts has (docs/kohya-format.md section 2.3): SDXL has 3 levels, no
 # attention at level 0 of the down path but at level 0 of the up path, 2-10 transformer blocks per attention and
 # the text-time embedding; SD1/SD2 have 4 levels, attention at down level 0 and at up levels 1-3, one block each.
-_SDXL_PATHS = re.compile(r"transformer_blocks\.[1-9]|^add_embedding|^up_blocks\.0\.attentions")
+# The second line of each pattern: the same kind of blocks by their LDM/SGM paths.
+_SDXL_PATHS = re.compile(
+    r"transformer_blocks\.[1-9]|^add_embedding|^up_blocks\.0\.attentions"
+    r"|^label_emb|^output_blocks\.[0-2]\.1\."
+)
 _SD1_PATHS = re.compile(
     r"^(down|up)_blocks\.3\.|^down_blocks\.0\.attentions|^up_blocks\.2\.upsamplers|^down_blocks\.2\.downsamplers"
+    r"|^input_blocks\.(9|10|11)\.|^output_blocks\.(9|10|11)\.|^input_blocks\.[12]\.1\."
 )
 
 
@@ -403,8 +408,8 @@ def diffusers_component(path: str) -> str | None:
 
 
 def guess_unet_architecture(paths: Iterable[str]) -> Arch | None:
-    """ "sdxl" or "sd1" when diffusers UNet module paths name blocks only that layout has (SD2 shares SD1's
-    blocks and names), None when they name neither or both."""
+    """ "sdxl" or "sd1" when UNet module paths (diffusers or LDM/SGM) name blocks only that layout has (SD2 shares
+    SD1's blocks and names), None when they name neither or both."""
     paths = list(paths)
     sdxl = any(_SDXL_PATHS.search(p) for p in paths)
     sd1 = any(_SD1_PATHS.search(p) for p in paths)
