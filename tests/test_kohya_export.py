@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from loha_diffusion.config import LoHaConfig
-from loha_diffusion.errors import AdapterNotFoundError
+from loha_diffusion.errors import AdapterNotFoundError, NonFiniteError
 from loha_diffusion.formats.kohya import KohyaFormatError, build_kohya_state_dict, read_kohya, save_kohya
 from loha_diffusion.model import adapter_layers, inject_adapter
 from loha_diffusion.targeting import text_encoder_preset, unet_preset
@@ -295,3 +295,33 @@ def test_text_encoder_only_sdxl_file_uses_te1(tmp_path):
     assert set(kfile.prefixes) == {"lora_te1"} and kfile.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     path = save_kohya(tmp_path / "te.safetensors", text_encoder=te1)  # no hint: SD1's single-encoder prefix
     assert set(read_kohya(path).prefixes) == {"lora_te"}
+
+
+def test_values_beyond_float16_are_refused_naming_modules_and_float32_writes_them(tmp_path):
+    """fp16 export (the default) would turn values above 65,504 into Inf without a word."""
+    unet, _ = _models("sd1", te=False)
+    path_, layer = next(iter(adapter_layers(unet).items()))
+    with torch.no_grad():
+        layer.adapters["default"].hada_w1_a[0, 0] = 1e5
+    out = tmp_path / "big.safetensors"
+    with pytest.raises(NonFiniteError, match=r"refusing to write .*big\.safetensors in float16") as info:
+        save_kohya(out, unet=unet)
+    message = str(info.value)
+    assert "lora_unet_" + path_.replace(".", "_") in message and "max |x| = 1e+05" in message
+    assert "float32 or bfloat16" in message and not out.exists()
+    save_kohya(out, unet=unet, dtype=torch.float32)
+    assert read_kohya(out).modules["lora_unet_" + path_.replace(".", "_")].tensors["hada_w1_a"][0, 0] == 1e5
+    save_kohya(tmp_path / "bf16.safetensors", unet=unet, dtype=torch.bfloat16)
+
+
+def test_non_finite_adapters_and_alphas_are_never_written(tmp_path):
+    unet, _ = _models("sd1", te=False)
+    layers = list(adapter_layers(unet).values())
+    with torch.no_grad():
+        layers[0].adapters["default"].hada_w2_b[0, 0] = float("nan")
+    layers[1].adapters["default"].alpha = float("inf")
+    out = tmp_path / "nan.safetensors"
+    for dtype in (torch.float32, torch.float16):
+        with pytest.raises(NonFiniteError, match="2 module\\(s\\) have NaN or infinite values"):
+            save_kohya(out, unet=unet, dtype=dtype)
+    assert not out.exists() and not list(tmp_path.iterdir())  # no file, no temporary left

@@ -3,6 +3,7 @@ every problem before anything changes, and the reports of docs/kohya-format.md s
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -376,3 +377,146 @@ def test_guess_architecture_from_names_alone(arch, unet_naming):
         state, _ = build_kohya_state_dict(unet=unet, unet_naming=unet_naming)
     assert parse_kohya_state_dict(state).guess_architecture() == arch
     assert parse_kohya_state_dict(state, {"ss_base_model_version": "sd_v2"}).guess_architecture() == "sd2"
+
+
+def _full_lokr_file(path, alpha, metadata):
+    """One LoKr module with both halves full (lokr_w1 (2, 4), lokr_w2 (8, 4)) for to_q (16 x 16) of the tiny
+    SD1 UNet, written by hand in LyCORIS' layout (docs/kohya-format.md section 5)."""
+    gen = torch.Generator().manual_seed(3)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {
+        f"{name}.lokr_w1": torch.randn(2, 4, generator=gen),
+        f"{name}.lokr_w2": torch.randn(8, 4, generator=gen),
+    }
+    if alpha is not None:
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path), metadata=metadata)
+    return name, tensors
+
+
+def test_full_lokr_alpha_is_ignored_with_one_warning_naming_modules_alpha_and_scale(tmp_path):
+    """Issue 13 item 5: with both halves full, LyCORIS, ComfyUI and A1111 apply scaling 1 whatever the alpha;
+    we do too, and say so once per file when the alpha differs from the network dim in the metadata."""
+    path = tmp_path / "full.safetensors"
+    name, tensors = _full_lokr_file(path, 4, {"ss_network_dim": "32", "ss_network_module": "lycoris.kohya"})
+    unet = build_tiny_unet("sd1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_kohya(path, unet=unet)
+    lokr_warnings = [w for w in caught if "LoKr" in str(w.message)]
+    assert len(lokr_warnings) == 1
+    text = str(lokr_warnings[0].message)
+    assert f"1 LoKr module(s) of {path}" in text and name in text
+    assert "alpha 4, not the network dim (32)" in text and "scaling 1.0 applied" in text
+    # The value: kron(w1, w2) at scaling 1 (not alpha / dim = 1/8).
+    adapter = adapter_layers(unet)["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].adapters[
+        "default"
+    ]
+    expected = torch.kron(tensors[f"{name}.lokr_w1"], tensors[f"{name}.lokr_w2"])
+    assert torch.allclose(adapter.delta_weight(), expected)
+
+    # alpha = dim (what LyCORIS writes for full halves), or no dim recorded: nothing to say.
+    for alpha, metadata in ((32, {"ss_network_dim": "32"}), (4, {}), (None, {"ss_network_dim": "32"})):
+        _full_lokr_file(path, alpha, metadata)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_kohya(path, unet=build_tiny_unet("sd1"))
+
+
+def test_non_finite_factors_and_bad_alphas_are_refused_unless_allowed(
+    tmp_path, tiny_sd1_pipeline, kohya_files
+):
+    pipe = tiny_sd1_pipeline
+    good = tmp_path / "good.safetensors"
+    targets = kohya_files.write(good, pipe, algo="lora")
+    first, second, third = sorted(targets)[:3]
+
+    def edit(tensors):
+        tensors[f"{first}.lora_up.weight"][0, 0] = float("inf")
+        tensors[f"{second}.alpha"] = torch.tensor(float("nan"))
+        tensors[f"{third}.alpha"] = torch.tensor(-4.0)
+
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(good, bad, edit)
+    kfile = read_kohya(bad)
+    assert not kfile.all_problems  # readable and well-formed: the values are the problem
+    assert kfile.value_problems == sorted(
+        [
+            f"{first}: NaN or infinite values in ['lora_up.weight']",
+            f"{second}: alpha is nan",
+            f"{third}: alpha -4 is negative (it would flip the delta's sign)",
+        ]
+    )
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(KohyaFormatError) as info:
+        load_kohya(bad, **_components(pipe))
+    message = str(info.value)
+    assert str(bad) in message and "nothing was changed" in message and "allow_non_finite=True" in message
+    assert first in message and second in message and third in message
+    assert not adapter_layers(pipe.unet) and all(
+        torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items()
+    )
+    # The opt-in loads them as they are (the caller owns the NaN).
+    load_kohya(bad, allow_non_finite=True, **_components(pipe))
+    assert adapter_layers(pipe.text_encoder) or adapter_layers(pipe.unet)
+
+
+def test_delta_beyond_float16_range_is_refused_and_scale_counts(tmp_path, tiny_sd1_pipeline, kohya_files):
+    """A finite file whose delta exceeds 65,504 gives Inf in half precision (ComfyUI/A1111's default): refused
+    by default, naming the module and the peak; a scale that brings it back into range loads."""
+    pipe = tiny_sd1_pipeline
+    good = tmp_path / "good.safetensors"
+    targets = kohya_files.write(good, pipe, algo="lora", convs=False)
+    name = sorted(targets)[0]
+
+    def edit(tensors):
+        tensors[f"{name}.alpha"] = torch.tensor(60000.0)  # a valid fp16 alpha
+        tensors[f"{name}.lora_up.weight"] *= 1e3
+
+    bad = tmp_path / "huge.safetensors"
+    _rewrite(good, bad, edit)
+    with pytest.raises(
+        KohyaFormatError, match=rf"{name} \(\S+\): the delta reaches \S+ at scale 1, beyond float16"
+    ):
+        load_kohya(bad, **_components(pipe))
+    assert not adapter_layers(pipe.unet) and not adapter_layers(pipe.text_encoder)
+    peak = read_kohya(bad).modules[name].peak_delta()
+    assert peak > 65504
+    load_kohya(bad, scale=60000 / peak, **_components(pipe))
+
+
+@pytest.mark.parametrize(
+    "alpha,problem",
+    [
+        (torch.tensor(True), "alpha must be a real number, got a bool tensor"),
+        (torch.ones(2), "alpha must be a 0-dim or 1-element tensor, got shape (2,)"),
+        (torch.tensor(1e6), "alpha 1e+06 is beyond float16's range"),
+    ],
+)
+def test_alphas_that_are_not_usable_numbers(tmp_path, tiny_sd1_pipeline, kohya_files, alpha, problem):
+    good = tmp_path / "good.safetensors"
+    name = sorted(kohya_files.write(good, tiny_sd1_pipeline, algo="lora"))[0]
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(good, bad, lambda tensors: tensors.update({f"{name}.alpha": alpha}))
+    module = read_kohya(bad).modules[name]
+    assert problem in " ".join(module.problems + module.value_problems)
+    with pytest.raises(KohyaFormatError, match=re.escape(problem)):
+        load_kohya(bad, **_components(tiny_sd1_pipeline))
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda data: b"", "is empty (0 bytes)"),
+        (lambda data: data[: len(data) // 2], "is not a readable .safetensors file"),
+        (lambda data: data[:9] + b"\xff" + data[10:], "is not a readable .safetensors file"),
+        (lambda data: (2**40).to_bytes(8, "little") + data[8:], "is not a readable .safetensors file"),
+    ],
+)
+def test_damaged_files_name_the_file(tmp_path, tiny_sd1_pipeline, kohya_files, damage, message):
+    good = tmp_path / "good.safetensors"
+    kohya_files.write(good, tiny_sd1_pipeline, algo="lora")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(damage(good.read_bytes()))
+    with pytest.raises(KohyaFormatError, match=re.escape(f"{bad} {message}")):
+        read_kohya(bad)

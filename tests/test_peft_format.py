@@ -5,6 +5,8 @@ in ours; round trips are bit-exact; Kohya <-> PEFT conversions keep every tensor
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import peft
 import pytest
@@ -14,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from loha_diffusion.adapters import LayerSpec
 from loha_diffusion.adapters.lokr import LoKrAdapter
-from loha_diffusion.errors import AdapterFileNotFoundError, AdapterNotFoundError
+from loha_diffusion.errors import AdapterFileNotFoundError, AdapterNotFoundError, NonFiniteError
+from loha_diffusion.formats import peft as peft_format
 from loha_diffusion.formats.kohya import load_kohya, read_kohya, save_kohya
 from loha_diffusion.formats.peft import (
     PeftFormatError,
@@ -262,3 +265,68 @@ def test_pipeline_component_folders(tmp_path):
         load_peft(tmp_path / "both", unet3, unet=unet3)
     with pytest.raises(ValueError, match="pass those models too"):
         load_peft(tmp_path / "both", unet=unet3)
+
+
+def test_save_peft_refuses_non_finite_and_overflowing_values(tmp_path):
+    unet = _ours("lora", cp=False)
+    path_, layer = next(iter(adapter_layers(unet).items()))
+    with torch.no_grad():
+        layer.adapters["default"].lora_A.view(-1)[0] = 1e5
+    with pytest.raises(NonFiniteError, match=r"in float16: 1 module\(s\) have values beyond") as info:
+        save_peft(tmp_path / "half", unet, dtype=torch.float16)
+    assert path_ in str(info.value) and "float32 or bfloat16" in str(info.value)
+    assert not (tmp_path / "half").exists()
+    save_peft(tmp_path / "full", unet)  # fp32 holds it
+    with torch.no_grad():
+        layer.adapters["default"].lora_B.view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        save_peft(tmp_path / "nan", unet)
+    assert not (tmp_path / "nan").exists()
+
+
+def test_save_peft_writes_atomically_with_a_normal_files_mode(tmp_path, monkeypatch):
+    unet = _ours("loha", cp=False)
+    directory = save_peft(tmp_path / "peft", unet)
+    old = {p.name: p.read_bytes() for p in directory.iterdir()}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for p in directory.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by ComfyUI/A1111 running as another user
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill in the middle of writing the weights
+
+    monkeypatch.setattr(peft_format, "save_file", killed)
+    with torch.no_grad():
+        next(iter(adapter_layers(unet).values())).adapters["default"].hada_w1_a.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_peft(directory, unet)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == old  # the old folder, no temporary
+
+
+def test_peft_folder_problems_are_named(tmp_path):
+    unet = _ours("lora", cp=False)
+    directory = save_peft(tmp_path / "peft", unet)
+    config_path = directory / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    cases = {
+        b"\xff\xfe{": "is not UTF-8 text",
+        b'{"r": ': "is not valid JSON",
+        b"[1, 2]": "must hold a JSON object, not a list",
+        json.dumps({**config, "r": 10**9}).encode(): "tensors whose shapes differ from the config's",
+        json.dumps({**config, "target_modules": "(("}).encode(): "'((' is not a valid regular expression",
+    }
+    for text, message in cases.items():
+        config_path.write_bytes(text)
+        fresh = build_tiny_unet("sd1")
+        with pytest.raises(PeftFormatError, match=re.escape(message)) as info:
+            load_peft(directory, fresh)
+        assert str(directory) in str(info.value) and not adapter_layers(fresh)
+    config_path.write_text(json.dumps(config))
+    weights = directory / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PeftFormatError, match=re.escape(f"{weights} is not a readable .safetensors file")):
+        load_peft(directory, build_tiny_unet("sd1"))
+    weights.unlink()
+    with pytest.raises(AdapterFileNotFoundError, match="adapter_model.safetensors missing"):
+        load_peft(directory, build_tiny_unet("sd1"))
