@@ -533,7 +533,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise CLIError(f"{out} exists and is not empty; choose a new folder or pass --overwrite.")
     base = stored_dtypes(source)
     wanted = {name: torch_dtype(args.dtype) for name in base} if args.dtype else base
-    pipe = _load_pipeline(source)  # float32: every merged weight is computed in fp32, then rounded once
+    # Every merged weight is computed in fp32 from the loaded one and rounded once to the loaded dtype. Loading
+    # in the base model's own dtype (half the memory of fp32 for an fp16 model) gives the same bits when that is
+    # also the dtype written; anything else (mixed dtypes, a wider --dtype, .bin weights) loads in fp32.
+    stored = set(base.values())
+    precision = None
+    if len(stored) == 1 and None not in stored:
+        precision = next((p for p in PRECISIONS if torch_dtype(p) in stored), None)
+        if args.dtype and args.dtype != precision:
+            precision = None
+    pipe = _load_pipeline(source, precision)
     names = _load_adapters(pipe, args.adapter)
     written = save_merged(pipe, out, wanted)
     scales = [_parse_adapter_arg(value)[1] for value in args.adapter]

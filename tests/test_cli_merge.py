@@ -161,3 +161,25 @@ def test_pipelines_load_in_a_dtype_without_a_future_warning(
         warnings.simplefilter("error")
         code = cli.main([*map(str, args), "--steps", "1", "--dtype", "bf16", "--out", str(image)])
     assert code == 0 and image.is_file()
+
+
+@pytest.mark.parametrize(
+    ("flag", "loaded"), [(None, "fp16"), ("fp16", "fp16"), ("fp32", None), ("bf16", None)]
+)
+def test_merge_loads_in_the_base_dtype_only_when_that_is_written(
+    tmp_path, capsys, monkeypatch, fp16_pipeline_dir, lora_file, flag, loaded
+):
+    # Same bits as a float32 load (the test above), half the memory; a wider or different --dtype needs fp32.
+    seen = []
+    real = cli._load_pipeline
+    monkeypatch.setattr(
+        cli, "_load_pipeline", lambda path, precision=None: seen.append(precision) or real(path, precision)
+    )
+    extra = ["--dtype", flag] if flag else []
+    assert (
+        merge(
+            capsys, "--pipeline", fp16_pipeline_dir, "--adapter", lora_file, "--out", tmp_path / "m", *extra
+        )[0]
+        == 0
+    )
+    assert seen == [loaded]
