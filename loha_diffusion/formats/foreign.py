@@ -378,7 +378,7 @@ def _convert(
             _set_alpha(tensors, config_scaling(config, p.path) if config else 1.0)
         out.update({f"{name}.{tensor}": value for tensor, value in tensors.items()})
     metadata.pop(DIFFUSERS_METADATA_KEY, None)  # consumed into the alphas; diffusers refuses it beside alphas
-    if arch is not None:
+    if arch == "sdxl":  # SD1 and SD2 share their paths: only SDXL is certain (A1111 sorts its Lora tab by it)
         metadata.setdefault("ss_base_model_version", naming.BASE_MODEL_VERSIONS[arch])
     return out, metadata
 
@@ -415,7 +415,7 @@ def as_kohya_layout(
     """The state dict and metadata of an adapter file with every tensor under its Kohya name (the layouts of
     this module's docstring; Kohya keys pass unchanged), tensors as given (same objects, plus fp32 0-dim alphas
     for converted modules). The `lora_adapter_metadata` header is consumed into the alphas and
-    `ss_base_model_version` added when the paths tell the architecture.
+    `ss_base_model_version` added when the paths tell SDXL.
 
     Warns (`formats.embeddings.BundledEmbeddingWarning`) when the file bundles textual-inversion embeddings:
     they are dropped here (`pipeline.load_adapter` loads them).
