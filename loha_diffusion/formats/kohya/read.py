@@ -366,12 +366,17 @@ def read_kohya(path: str | os.PathLike) -> KohyaFile:
 
     Raises:
         AdapterFileNotFoundError: no file at `path` (also a `FileNotFoundError`).
-        KohyaFormatError: the file is not a readable `.safetensors` file. Problems of its modules are recorded
-            in the result (`KohyaFile.all_problems`), not raised.
+        KohyaFormatError: the file is empty, truncated or corrupt (not a readable `.safetensors` file), or in a
+            layout that holds no SD adapter (`formats.foreign`); the message names the file. Problems of its
+            modules are recorded in the result (`KohyaFile.all_problems`, `value_problems`), not raised.
     """
     path = Path(path)
     state_dict, metadata = read_safetensors(path, KohyaFormatError)
-    parsed = parse_kohya_state_dict(state_dict, metadata)
+    try:
+        parsed = parse_kohya_state_dict(state_dict, metadata)
+    except KohyaFormatError as err:
+        # Layout refusals (formats.foreign) know the tensors, not the file: name it here.
+        raise KohyaFormatError(f"{path}: {err}") from None
     parsed.path = path
     return parsed
 
