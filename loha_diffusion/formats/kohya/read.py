@@ -142,12 +142,16 @@ class KohyaModule:
     def peak_delta(self, limit: float = 0.0) -> float:
         """max|ΔW| of the module (`scaling` applied, multiplier 1) from the plain formulas in float64
         (`formats.reference`; inf when ΔW has NaN/Inf). ΔW is only built when `delta_bound` exceeds `limit`,
-        otherwise the bound is returned. The base layer's shape is not needed: the values are the same in any
-        arrangement."""
+        otherwise the bound is returned, and also when the factors do not multiply (a shape problem `verify` and
+        the loaders report against the base layer). The base layer's shape is not needed: the values are the
+        same in any arrangement."""
         bound = self.delta_bound()
         if self.problems or bound <= limit:
             return bound
-        delta = reference_delta(self.tensors, self.alpha, (-1,))
+        try:
+            delta = reference_delta(self.tensors, self.alpha, (-1,))
+        except RuntimeError:  # torch: factors whose shapes do not multiply
+            return bound
         return float(delta.abs().max()) if bool(torch.isfinite(delta).all()) else math.inf
 
     def num_params(self) -> int:
