@@ -545,6 +545,7 @@ PEFT_FIELD_CASES = [
     ("peft_loha", "use_effective_conv2d", "yes", "must be true or false"),
     ("peft_loha", "layers_to_transform", "x", "layers_to_transform must be an integer"),
     ("peft_loha", "rank_dropout", 2, "rank_dropout must be a number in [0, 1)"),
+    ("peft_loha", "rank_dropout", None, "rank_dropout must be a number"),  # found by the 5000-case run
     ("peft_loha", "peft_type", 5, "peft_type must be a string"),
 ]
 

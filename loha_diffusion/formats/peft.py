@@ -378,7 +378,8 @@ def _read_peft_config(config_path: Path) -> LoHaConfig | LoRAConfig:
         )
     try:
         return config_from_peft_dict(data)
-    except LoHaDiffusionError as err:
+    except (LoHaDiffusionError, TypeError, ValueError) as err:
+        # The fields were checked above; a refusal left to the config's own checks still names the file.
         raise PeftFormatError(f"{config_path}: {err}") from None
 
 
@@ -455,7 +456,9 @@ def peft_config_problems(data: Mapping[str, Any]) -> list[str]:
             checks.append(_alpha_problem(key, data[key]))
     for key in ("rank_dropout", "module_dropout", "lora_dropout"):
         value = data.get(key, 0.0)
-        if value is not None and (not _is_number(value) or not 0.0 <= value < 1.0):
+        if key == "lora_dropout" and value is None:  # PEFT accepts null there (and it is not applied here)
+            continue
+        if not _is_number(value) or not 0.0 <= value < 1.0:
             checks.append(f"{key} must be a number in [0, 1), got {value!r}")
     for key in ("use_effective_conv2d", "init_weights"):
         if key in data and not isinstance(data[key], bool):
