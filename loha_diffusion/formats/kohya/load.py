@@ -126,7 +126,7 @@ def load_kohya(
 
     Raises:
         AdapterNameError: `adapter_name` breaks the name rule or is already used on a given model.
-        ValueError: no model is given.
+        ValueError: no model is given, or `scale` is not a finite number.
         AdapterFileNotFoundError: no file at `path` (a `FileNotFoundError`).
         KohyaFormatError: an unreadable file, or keys that map to no module, unusable modules, shapes that do
             not fit, modules given twice, non-finite values or overflowing deltas (see `allow_non_finite`): one
