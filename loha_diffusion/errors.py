@@ -52,8 +52,9 @@ class AdapterNotFoundError(LoHaDiffusionError, KeyError):
 
 
 class AdapterStateError(LoHaDiffusionError):
-    """Adapter tensors that do not fit: missing, unknown or misshaped keys of a state dict, or an adapter
-    built for another layer. The message lists every problem."""
+    """Adapter tensors or an adapter state that do not fit: missing, unknown or misshaped keys of a state dict,
+    an adapter built for another layer, or a fuse of an adapter that is inactive or disabled. The message lists
+    every problem."""
 
 
 class AdapterMergedError(LoHaDiffusionError, RuntimeError):
