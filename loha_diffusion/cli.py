@@ -563,11 +563,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """`generate --pipeline DIR --prompt TEXT --out IMAGE`: render and save one image.
 
     Raises:
-        CLIError: DIR is not a pipeline or an adapter file is missing. `LoHaDiffusionError` from loading an
-            adapter that does not fit.
+        CLIError: DIR is not a pipeline, an adapter file is missing, or IMAGE's suffix is not an image type
+            (checked before anything loads). `LoHaDiffusionError` from loading an adapter that does not fit;
+            `OutputWriteError` when IMAGE cannot be written (disk full, permissions).
     """
     import torch
+    from PIL import Image
 
+    from .files import atomic_path
+
+    out = Path(args.out)
+    image_format = Image.registered_extensions().get(out.suffix.lower())
+    if image_format is None:
+        raise CLIError(
+            f"--out {out}: {out.suffix or 'no suffix'} is not an image type; use .png, .jpg or .webp"
+        )
     _quiet_libraries()
     pipe = _load_pipeline(_pipeline_dir(args.pipeline), args.dtype, args.device)
     names = _load_adapters(pipe, args.adapter)
@@ -585,9 +595,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.height:
         kwargs["height"] = args.height
     image = pipe(**kwargs).images[0]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    with atomic_path(out) as tmp:  # the temporary name has no image suffix: the format is given
+        image.save(tmp, format=image_format)
     print(
         f"wrote {out} ({image.width}x{image.height}, seed {args.seed}, adapters: {', '.join(names) or 'none'})"
     )

@@ -326,6 +326,10 @@ def test_generate_writes_an_image(tmp_path, sd1_loha, tiny_sd1_pipeline_dir):
     assert all(im.size == (64, 64) for im in images)
     assert images[1].tobytes() == images[2].tobytes()  # same seed, same image
     assert images[0].tobytes() != images[1].tobytes()  # the adapter changes it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert (plain.stat().st_mode & 0o044) == 0o044  # readable by others under the default umask
+    bad_suffix = run_cli("generate", *common, "--out", tmp_path / "image.txt", check=False)
+    assert bad_suffix.returncode == 1 and "not an image type" in bad_suffix.stderr
 
 
 def test_errors_name_the_file_and_the_fix(tmp_path, sd1_loha, tiny_sd1_pipeline_dir, tiny_sdxl_pipeline_dir):
