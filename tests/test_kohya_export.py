@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -209,6 +211,22 @@ def test_model_hash_is_a1111s(tmp_path):
     )
     path = save_kohya(tmp_path / "n.safetensors", unet=unet, model_hash=False)
     assert "sshs_model_hash" not in read_kohya(path).metadata
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_file_mode_follows_the_umask_and_no_temporary_is_left(tmp_path, umask, mode):
+    """The exported file gets a normal file's mode (not the 0600 of a temporary file), so ComfyUI or A1111
+    running as another user (a container) can read it; rewriting it leaves nothing else in the folder."""
+    unet, _ = _models("sd1", te=False)
+    old = os.umask(umask)
+    try:
+        path = save_kohya(tmp_path / "style.safetensors", unet=unet)
+        save_kohya(path, unet=unet, dtype=torch.float32)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["style.safetensors"]
+    assert read_kohya(path).dtypes == ["float32"]
 
 
 def test_refuses_non_sd_unet_unless_naming_given(tmp_path):
