@@ -132,6 +132,13 @@ def test_resume_is_bit_exact(tiny_sd1_pipeline_dir, tmp_path):
     # Both exported formats reproduce the trained UNet through load_adapter.
     assert_export_reproduces(straight_cfg, straight.kohya_file, tmp_path / "a" / "checkpoint-6")
     assert_export_reproduces(straight_cfg, straight.peft_dir, tmp_path / "a" / "checkpoint-6")
+    # Everything the run wrote is readable by other users (ComfyUI/A1111 in another container) under the
+    # test process's umask, and no temporary file is left behind.
+    umask = os.umask(0)
+    os.umask(umask)
+    written = [p for p in (tmp_path / "a").rglob("*") if p.is_file() and "logs" not in p.parts]
+    assert written and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in written)
+    assert not [p for p in (tmp_path / "a").rglob(".*.tmp")]
 
 
 def test_resume_rejects_other_batch_geometry(tiny_sd1_pipeline_dir, tmp_path):
