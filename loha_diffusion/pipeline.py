@@ -113,7 +113,12 @@ def _default_adapter_name(path: Path, taken: dict[str, list[str]]) -> str:
 
 
 def load_adapter(
-    pipe: Any, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0
+    pipe: Any,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    scale: float = 1.0,
+    *,
+    allow_non_finite: bool = False,
 ) -> str:
     """Load a Kohya/LyCORIS `.safetensors` file (LoHa, LoRA/LoCon, LoKr) or a PEFT-format folder into the
     pipeline's UNet and text encoder(s), unmerged and active, and return the adapter's name.
@@ -125,6 +130,8 @@ def load_adapter(
     PEFT's LoRA layout load too (`formats.foreign`); textual-inversion embeddings bundled in the file (A1111's
     `bundle_emb.<name>.*`) are loaded into the tokenizer(s) and text encoder(s) as the token `<name>` (diffusers'
     `load_textual_inversion`; they stay when the adapter is deleted: `pipe.unload_textual_inversion(name)`).
+    Files with NaN/Inf factors, bad alphas or deltas beyond float16's range are refused unless
+    `allow_non_finite` (for inspection only: such an adapter makes NaN images).
 
     Raises:
         AdapterFileNotFoundError: `path` does not exist (also a `FileNotFoundError`).
@@ -146,9 +153,11 @@ def load_adapter(
             f"or delete_adapter(pipe, {adapter_name!r}) first."
         )
     if path.is_dir():
-        load_peft(path, adapter_name=adapter_name, scale=scale, **components)
+        load_peft(
+            path, adapter_name=adapter_name, scale=scale, allow_non_finite=allow_non_finite, **components
+        )
     elif path.suffix == ".safetensors":
-        _load_kohya_file(pipe, path, adapter_name, scale, components)
+        _load_kohya_file(pipe, path, adapter_name, scale, components, allow_non_finite)
     else:
         raise LoHaDiffusionError(
             f"{str(path)!r} is neither a .safetensors file (Kohya/LyCORIS format) nor a folder with "
@@ -158,14 +167,21 @@ def load_adapter(
 
 
 def _load_kohya_file(
-    pipe: Any, path: Path, adapter_name: str, scale: float, components: dict[str, nn.Module]
+    pipe: Any,
+    path: Path,
+    adapter_name: str,
+    scale: float,
+    components: dict[str, nn.Module],
+    allow_non_finite: bool = False,
 ) -> None:
     """`load_kohya`, then the textual-inversion embeddings the file bundles (A1111's `bundle_emb.*`) into the
     tokenizer(s) and text encoder(s) as A1111 does (`formats.embeddings`; those A1111 skips are skipped with a
     warning). If an embedding fails to load, the adapter is removed again before the error propagates."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", embeddings.BundledEmbeddingWarning)  # loaded below, not dropped
-        load_kohya(path, adapter_name=adapter_name, scale=scale, **components)
+        load_kohya(
+            path, adapter_name=adapter_name, scale=scale, allow_non_finite=allow_non_finite, **components
+        )
     try:
         embeddings.load_embeddings(
             pipe, embeddings.plan_embeddings(pipe, embeddings.read_bundled_embeddings(path))

@@ -625,3 +625,4 @@ def test_kohya_bad_values_are_refused_by_every_entry_point(
     if target == "factor" or value.dtype != torch.bool and value.numel() == 1:
         # The opt-in loads what the default refuses (the caller then owns the NaN/Inf).
         assert load_kohya(path, adapter_name="fz", allow_non_finite=True, **models) == "fz"
+        assert pipeline.load_adapter(campaign.pipe, path, "fz2", allow_non_finite=True) == "fz2"
