@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loha_diffusion.errors import CLIError, KohyaFormatError, LoHaDiffusionError
 from loha_diffusion.formats import convert
@@ -201,3 +201,22 @@ def test_peft_output_errors_name_the_folder_not_its_temporary(tmp_path):
             )
     assert str(info.value) == f"refusing to write {out / 'unet' / 'adapter_model.safetensors'}: NaN in to_q"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_value_beyond_the_output_dtype_is_named_as_an_overflow(tmp_path, sd1_loha):
+    """fp32 -> fp16 with a factor above 65,504: refused before the cast as an overflow naming the module and
+    the fix (not as "NaN or infinite", which is what the cast would make of it); nothing is written."""
+    tensors = load_file(str(sd1_loha))
+    key = sorted(k for k in tensors if k.endswith("hada_w1_a"))[0]
+    tensors = {k: v.float() for k, v in tensors.items()}
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = 1e6
+    src = tmp_path / "big.safetensors"
+    save_file(tensors, str(src))
+    dst = tmp_path / "half.safetensors"
+    with pytest.raises(LoHaDiffusionError, match="beyond float16's range") as info:
+        convert.convert_kohya(read_kohya(src), dst, dtype=torch.float16)
+    assert key.rsplit(".", 1)[0] in str(info.value) and "float32 or bfloat16" in str(info.value)
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
+    kept = convert.convert_kohya(read_kohya(src), tmp_path / "full.safetensors", dtype=torch.float32)
+    assert load_file(str(kept.path))[key][0, 0] == 1e6

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import KohyaFormatError, LoHaDiffusionError, PeftFormatError, format_problems
 from ..files import atomic_directory
+from ..finite import check_writable
 from ..utils import most_common
 from . import naming
 from .kohya import KohyaFile, ModuleTarget, kohya_name_map, load_kohya, write_kohya_file
@@ -245,7 +246,9 @@ def convert_kohya(
     Raises:
         KohyaFormatError: the file has problems, a module names no layer of `models` or does not fit it,
             `models` is missing where needed, or `unet_names` does not apply.
-        OSError: the file cannot be written.
+        NonFiniteError: a value is NaN/Inf or beyond the range of `dtype` (the modules are named).
+        OutputWriteError: no space left or no permission (the previous file is unchanged).
+        OSError: another error of the filesystem.
     """
     if to not in ("kohya", "lora"):
         raise KohyaFormatError(f"to must be 'kohya' or 'lora', not {to!r}.")
@@ -259,11 +262,15 @@ def convert_kohya(
     metadata = public_metadata(kfile.metadata)  # a path another tool wrote is not passed on
     errors: dict[str, float] = {}
     total = None
+    # Built in float32 and checked before the cast, so a value the output dtype cannot hold is named as an
+    # overflow (with the fix) instead of surfacing as "infinite" after the cast; the cast is lossless otherwise.
     if to == "lora":
-        tensors, errors, total = _lora_by_svd(kfile, models, names, rank, dtype, progress)
+        tensors, errors, total = _lora_by_svd(kfile, models, names, rank, torch.float32, progress)
         metadata.update(_lora_metadata(kfile, tensors, rank, total))
     else:
-        tensors = _same_kind_tensors(kfile, names, dtype)
+        tensors = _same_kind_tensors(kfile, names, torch.float32)
+    check_writable(tensors, dtype, str(path))
+    tensors = {key: tensor.to(dtype).contiguous() for key, tensor in tensors.items()}
     written = write_kohya_file(path, tensors, metadata)
     return KohyaConversion(written, len(kfile.modules), dtype, errors, total)
 
