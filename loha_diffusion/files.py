@@ -29,15 +29,16 @@ from .errors import OutputWriteError
 from .utils import human_size
 
 TMP_SUFFIX = ".tmp"
-_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+ASIDE_SUFFIX = ".old"  # a folder being replaced, moved aside until the new one is in place
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}(?P<suffix>\.tmp|\.old)$")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def temporary_name(path: str | os.PathLike) -> Path:
-    """A fresh hidden temporary path beside `path`: `<folder>/.<name>.<pid>.<8 hex>.tmp`."""
+def temporary_name(path: str | os.PathLike, suffix: str = TMP_SUFFIX) -> Path:
+    """A fresh hidden temporary path beside `path`: `<folder>/.<name>.<pid>.<8 hex>.tmp` (or `.old`)."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:
@@ -100,16 +101,21 @@ def fsync_directory(path: str | os.PathLike) -> None:
 
 def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the temporary files and folders that killed writers left in `folder` (only those whose process
-    is gone; only those for target `name` when given). Returns what was removed."""
+    is gone; only those for target `name` when given). A folder a killed writer had moved aside to replace it
+    (`.old`) is put back when the target is missing (the replacement never completed), else removed. Returns
+    what was removed or put back."""
     folder = Path(folder)
     removed: list[Path] = []
     if not folder.is_dir():
         return removed
-    for entry in folder.iterdir():
+    for entry in sorted(folder.iterdir()):
         match = _TMP_NAME.match(entry.name)
         if match is None or (name is not None and match["name"] != name) or _alive(int(match["pid"])):
             continue
-        if entry.is_dir() and not entry.is_symlink():
+        target = folder / match["name"]
+        if match["suffix"] == ASIDE_SUFFIX and not target.exists():
+            os.replace(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
@@ -134,6 +140,19 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _prepare_folder(path: Path, needed: int | None) -> None:
+    """Create `path`'s folder, remove the temporaries killed writers left for `path`, and refuse early when
+    `needed` bytes are known not to fit."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, path.name)
+        free = free_bytes(path.parent) if needed is not None else None
+        if free is not None and free < needed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError as exc:
+        raise write_error(path, exc, needed) from exc
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer that takes a path; when the block ends without an
@@ -146,15 +165,7 @@ def atomic_path(path: str | os.PathLike, needed: int | None = None) -> Iterator[
         OSError: any other error of the filesystem.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(path, exc, needed) from exc
-    remove_stale_temporaries(path.parent, path.name)
-    if needed is not None:
-        free = free_bytes(path.parent)
-        if free is not None and free < needed:
-            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed)
+    _prepare_folder(path, needed)
     tmp = temporary_name(path)
     try:
         yield tmp
@@ -212,14 +223,9 @@ def atomic_directory(path: str | os.PathLike, needed: int | None = None) -> Iter
         OSError: any other error of the filesystem.
     """
     path = Path(path)
+    _prepare_folder(path, needed)
+    tmp = temporary_name(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path.parent, path.name)
-        if needed is not None:
-            free = free_bytes(path.parent)
-            if free is not None and free < needed:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        tmp = temporary_name(path)
         tmp.mkdir()
         os.chmod(tmp, _default_mode(0o777))
     except OSError as exc:
@@ -229,7 +235,7 @@ def atomic_directory(path: str | os.PathLike, needed: int | None = None) -> Iter
         yield tmp
         _fsync_tree(tmp)
         if path.exists():
-            old = temporary_name(path)
+            old = temporary_name(path, ASIDE_SUFFIX)
             os.replace(path, old)
         os.replace(tmp, path)
     except OSError as exc:

@@ -165,17 +165,27 @@ class AdapterLayer(nn.Module):
         """
         names = list(self.active_adapters if names is None else names)
         self._require(names)
+        self.check_mergeable(names)
+        self._set_merged(self.merged_adapters + names)
+
+    def check_mergeable(self, names: list[str], where: str = "") -> None:
+        """Check that adapters `names` of this layer can be merged: a merged adapter always runs, so it must
+        be active and the adapters enabled. `where` (e.g. " at down_blocks.0...to_q") goes into the message.
+
+        Raises:
+            AdapterStateError: the adapters are disabled, or a name is not active (the message says what to
+                call first).
+        """
         if names and not self.adapters_enabled:
             raise AdapterStateError(
-                f"Cannot merge {names}: the adapters are disabled; enable them first (enable_adapters)."
+                f"Cannot merge {names}{where}: the adapters are disabled; enable them first (enable_adapters)."
             )
         inactive = [n for n in names if n not in self.active_adapters]
         if inactive:
             raise AdapterStateError(
-                f"Cannot merge {inactive}: not active (active: {self.active_adapters}); a merged adapter always "
-                "runs. Make it active first (set_active_adapters)."
+                f"Cannot merge {inactive}: not active{where} (active: {self.active_adapters}); a merged adapter "
+                "always runs. Make it active first (set_active_adapters)."
             )
-        self._set_merged(self.merged_adapters + names)
 
     def unmerge(self) -> None:
         """Restore the original base weight exactly (and forget what `set_enabled(True)` would merge again)."""

@@ -337,16 +337,7 @@ def check_mergeable(model: nn.Module, adapter_names: list[str] | None = None) ->
             if adapter_names is None
             else [n for n in adapter_names if n in layer.adapters]
         )
-        if names and not layer.adapters_enabled:
-            raise AdapterStateError(
-                f"Cannot merge {names}: the adapters are disabled. Call enable_adapters first."
-            )
-        inactive = [n for n in names if n not in layer.active_adapters]
-        if inactive:
-            raise AdapterStateError(
-                f"Cannot merge {inactive}: not active at {path} (active: {layer.active_adapters}); a merged "
-                "adapter always runs. Make it active first (set_active_adapters)."
-            )
+        layer.check_mergeable(names, f" at {path}")
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None) -> None:

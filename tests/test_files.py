@@ -99,3 +99,24 @@ def test_free_space_is_checked_before_writing(tmp_path):
     with pytest.raises(OutputWriteError, match="no space left"), atomic_path(target, needed=1 << 62):
         raise AssertionError("the block must not run")
     assert target.read_bytes() == b"old"
+
+
+def test_a_folder_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
+    """Killed between moving the old folder aside and renaming the new one in: the next write (or run) puts
+    the old folder back instead of deleting it; once the target exists, the aside copy is removed."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    aside = tmp_path / f".model.{pid}.0123abcd.old"
+    aside.mkdir()
+    (aside / "weights").write_text("the user's model")
+    half = tmp_path / f".model.{pid}.89abcdef.tmp"
+    half.mkdir()
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([aside, half])
+    assert (tmp_path / "model" / "weights").read_text() == "the user's model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    again = tmp_path / f".model.{pid}.0123abcd.old"
+    again.mkdir()
+    remove_stale_temporaries(tmp_path, "model")
+    assert not again.exists() and (tmp_path / "model" / "weights").exists()
