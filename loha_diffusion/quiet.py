@@ -13,6 +13,11 @@ shows at the level the user set (no `set_verbosity_error`, which would also hide
   which is never None). Only the empty-list form is dropped: a model that really has float32 modules still
   warns.
 
+* transformers (`transformers.modeling_utils`): "The new embeddings will be initialized from a multivariate normal
+  distribution ...", logged by `resize_token_embeddings` when diffusers' `load_textual_inversion` makes room for
+  the tokens of an embedding bundled in a LoRA file; diffusers then overwrites exactly those rows with the
+  embedding's vectors, so the initialization it announces never reaches a prompt.
+
 Filters are attached to the emitting loggers by name (`logging.getLogger` gives the same object the library
 uses), so installing them imports neither library, and installing twice adds nothing.
 """
@@ -26,6 +31,9 @@ import re
 NOISE: dict[str, tuple[re.Pattern[str], ...]] = {
     "transformers.utils.import_utils": (
         re.compile(r"^`\w+ImageProcessor` requires torchvision \(not installed\); falling back to `\w+Pil`"),
+    ),
+    "transformers.modeling_utils": (
+        re.compile(r"^The new embeddings will be initialized from a multivariate normal distribution"),
     ),
     "diffusers.models.modeling_utils": (
         re.compile(r"^There are modules in \w+ that should be kept in float32: \[\]\."),

@@ -10,7 +10,7 @@ import torch
 import loha_diffusion  # noqa: F401  (importing the package installs the filters)
 from loha_diffusion import quiet
 from loha_diffusion.quiet import DropMessages, quiet_library_noise
-from loha_diffusion.tiny import build_tiny_unet
+from loha_diffusion.tiny import build_tiny_pipeline, build_tiny_unet
 
 TORCHVISION = (
     "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for "
@@ -80,3 +80,21 @@ def test_a_real_bf16_cast_of_a_diffusers_model_is_quiet(records, monkeypatch):
     monkeypatch.setattr(logger, "filters", [f for f in logger.filters if not isinstance(f, DropMessages)])
     unet.to(torch.bfloat16)
     assert [r.getMessage() for r in records] == [EMPTY_FP32]
+
+
+def test_loading_a_bundled_embedding_is_quiet(records, tmp_path, monkeypatch):
+    """diffusers' load_textual_inversion resizes the token embeddings, and transformers announces how it
+    initializes the new rows, which diffusers overwrites at once with the embedding: dropped. The control
+    shows the message is really emitted without the filter."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    pipe = build_tiny_pipeline("sd1")
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    pipe.load_textual_inversion(torch.randn(2, width), token="<emb>")
+    assert records == []
+
+    monkeypatch.setattr(logger, "filters", [f for f in logger.filters if not isinstance(f, DropMessages)])
+    # transformers' warning_once is cached per message: let the control emit it again.
+    monkeypatch.setattr(logging.Logger, "warning_once", logging.Logger.warning, raising=False)
+    pipe.load_textual_inversion(torch.randn(2, width), token="<emb2>")
+    assert any("new embeddings will be initialized" in r.getMessage() for r in records)
