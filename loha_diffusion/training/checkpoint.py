@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -462,25 +463,38 @@ def verify_checkpoint(path: str | Path, *, warn_unlisted: bool = True) -> dict[s
     Raises:
         ConfigError: the folder is incomplete, or a file differs from what was written (the message names it).
     """
-    path = Path(path)
+    return _read_checkpoint(Path(path), warn_unlisted=warn_unlisted)[0]
+
+
+def _complete_manifest(path: Path) -> dict[str, Any]:
     problem = checkpoint_problem(path)
     if problem is not None:
         raise ConfigError(f"cannot resume from {path}: {problem}")
-    manifest = read_manifest(path)
-    for name in manifest["files"]:
-        _read_verified(path, manifest, name)
+    return read_manifest(path)
+
+
+def _read_checkpoint(path: Path, *, warn_unlisted: bool) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and every file it lists (`{name: bytes}`), each read once and checked against its
+    sha256 (see `verify_checkpoint`)."""
+    manifest = _complete_manifest(path)
+    files = {name: _read_verified(path, manifest, name) for name in manifest["files"]}
     extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST and p.name not in manifest["files"])
     if extra and warn_unlisted:
         logger.warning(
             "%s: ignoring files its %s does not list (never read): %s", path, MANIFEST, ", ".join(extra)
         )
-    return manifest
+    return manifest, files
+
+
+def _listed(path: Path, files: Mapping[str, Any], name: str) -> Any:
+    # `files`: a manifest's entries or a checkpoint's verified bytes, by file name.
+    if name not in files:
+        raise ConfigError(f"cannot resume from {path}: it has no {name} ({MANIFEST} does not list it)")
+    return files[name]
 
 
 def _read_verified(path: Path, manifest: dict[str, Any], name: str) -> bytes:
-    entry = manifest["files"].get(name)
-    if entry is None:
-        raise ConfigError(f"cannot resume from {path}: it has no {name} ({MANIFEST} does not list it)")
+    entry = _listed(path, manifest["files"], name)
     file = path / name
     if not file.is_file():  # also a link to a device such as /dev/zero, which would never end
         raise ConfigError(f"cannot resume from {path}: {file} is missing or not a regular file")
@@ -497,14 +511,13 @@ def _read_verified(path: Path, manifest: dict[str, Any], name: str) -> bytes:
     return data
 
 
-def _read_state(path: Path, manifest: dict[str, Any], name: str) -> Any:
-    files = {
-        file: _read_verified(path, manifest, file)
-        for file in (f"{name}.json", f"{name}.safetensors")
-        if file in manifest["files"] or file.endswith(".json")
-    }
+def _parse_state(path: Path, files: Mapping[str, bytes], name: str) -> Any:
+    """The state stored as `name` in a checkpoint's verified `files` (`{file name: bytes}`)."""
+    state_files = {f"{name}.json": _listed(path, files, f"{name}.json")}
+    if f"{name}.safetensors" in files:
+        state_files[f"{name}.safetensors"] = files[f"{name}.safetensors"]
     try:
-        return parse_state_files(name, files)
+        return parse_state_files(name, state_files)
     except ValueError as exc:
         raise ConfigError(f"cannot resume from {path}: {exc}") from None
 
@@ -517,10 +530,9 @@ def read_checkpoint_state(path: str | Path, name: str) -> Any:
         ConfigError: the checkpoint is incomplete, the file differs from what was written, or is malformed.
     """
     path = Path(path)
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ConfigError(f"cannot resume from {path}: {problem}")
-    return _read_state(path, read_manifest(path), name)
+    manifest = _complete_manifest(path)
+    wanted = [f for f in (f"{name}.json", f"{name}.safetensors") if f in manifest["files"]]
+    return _parse_state(path, {f: _read_verified(path, manifest, f) for f in wanted}, name)
 
 
 def load_checkpoint(accelerator: Any, path: str | Path, resumable: Resumable) -> None:
@@ -534,10 +546,11 @@ def load_checkpoint(accelerator: Any, path: str | Path, resumable: Resumable) ->
             this process's random state, or its optimizer state does not fit this optimizer.
     """
     path = Path(path)
-    manifest = verify_checkpoint(path, warn_unlisted=False)  # check_resume has named unlisted files
+    # Every file read once and checked before anything changes; check_resume has named unlisted files.
+    _, files = _read_checkpoint(path, warn_unlisted=False)
     state = resumable.state
     expected = state.geometry
-    progress = _read_state(path, manifest, TRAIN_STATE)
+    progress = _parse_state(path, files, TRAIN_STATE)
     try:
         state.load_state_dict(progress)
     except (ValueError, AttributeError) as exc:
@@ -549,15 +562,15 @@ def load_checkpoint(accelerator: Any, path: str | Path, resumable: Resumable) ->
             "seed"
         )
     for name, model in resumable.adapters.items():
-        tensors = load_tensors(_read_verified(path, manifest, f"{name}_adapter.safetensors"))
+        tensors = load_tensors(_listed(path, files, f"{name}_adapter.safetensors"))
         set_adapter_state_dict(model, tensors, ADAPTER_NAME)
-    _restore(path, "optimizer", resumable.optimizer, _read_state(path, manifest, "optimizer"))
-    _restore(path, "scheduler", resumable.lr_scheduler, _read_state(path, manifest, "scheduler"))
+    _restore(path, "optimizer", resumable.optimizer, _parse_state(path, files, "optimizer"))
+    _restore(path, "scheduler", resumable.lr_scheduler, _parse_state(path, files, "scheduler"))
     if accelerator.scaler is not None:
-        _restore(path, "scaler", accelerator.scaler, _read_state(path, manifest, "scaler"))
+        _restore(path, "scaler", accelerator.scaler, _parse_state(path, files, "scaler"))
     rank = f"random_states_{accelerator.process_index}"
     try:
-        set_rng_state(_read_state(path, manifest, rank))
+        set_rng_state(_parse_state(path, files, rank))
     except ValueError as exc:
         raise ConfigError(f"cannot resume from {path}: {rank}: {exc}") from None
     accelerator.step = int(progress.get("accelerator_step", 0))
@@ -645,7 +658,8 @@ def read_run_record(path: str | Path) -> dict[str, Any]:
         ConfigError: the checkpoint is incomplete or changed, or the record is not a JSON object.
     """
     path = Path(path)
-    data = _read_verified(path, verify_checkpoint(path), RUN_RECORD)
+    _, files = _read_checkpoint(path, warn_unlisted=True)
+    data = _listed(path, files, RUN_RECORD)
     try:
         record = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
