@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from . import model as core
@@ -55,6 +54,7 @@ from .errors import (
 from .files import atomic_directory
 from .formats import embeddings
 from .formats.kohya import load_kohya
+from .formats.kohya.read import stored_dtypes_of
 from .formats.peft import load_peft
 from .layers import check_adapter_name
 from .utils import most_common
@@ -323,13 +323,6 @@ def fused_adapters(pipe: Any) -> list[str]:
 
 # -- loading and writing whole pipelines ---------------------------------------------------------------------
 
-# safetensors dtype names -> torch dtypes (the floating ones a model stores its weights in)
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
 # Weight files `from_pretrained` reads without a `variant`: plain or sharded (`-00001-of-00002`).
 _WEIGHT_FILE = re.compile(r"^(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors$")
 
@@ -358,11 +351,8 @@ def stored_dtypes(pipeline_dir: str | os.PathLike) -> dict[str, torch.dtype | No
         )
         if not files and not any(folder.glob("*.bin")):
             continue  # a tokenizer or scheduler: no weights
-        dtypes = []
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                dtypes += [f.get_slice(k).get_dtype() for k in f.keys()]
-        result[folder.name] = most_common(_SAFETENSORS_DTYPES[d] for d in dtypes if d in _SAFETENSORS_DTYPES)
+        dtypes = [dtype for file in files for dtype in stored_dtypes_of(file)]
+        result[folder.name] = most_common(dtype for dtype in dtypes if dtype is not None)
     return result
 
 

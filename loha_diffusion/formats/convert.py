@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..errors import KohyaFormatError, LoHaDiffusionError, PeftFormatError, format_problems
@@ -28,6 +27,7 @@ from ..utils import most_common
 from . import naming
 from .kohya import KohyaFile, ModuleTarget, kohya_name_map, load_kohya, write_kohya_file
 from .kohya.metadata import public_metadata
+from .kohya.read import stored_dtypes_of
 from .peft import load_peft, peft_to_kohya, read_peft, save_peft
 
 UNET_NAME_STYLES = ("ldm", "diffusers")
@@ -335,10 +335,9 @@ def peft_dtype(src: str | os.PathLike) -> torch.dtype:
     """The dtype of the first tensor of the first `adapter_model.safetensors` under `src` (float16, bfloat16,
     else float32)."""
     for weights in sorted(Path(src).rglob("adapter_model.safetensors")):
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():
-                stored = str(f.get_slice(key).get_dtype())
-                return {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
+        dtypes = stored_dtypes_of(weights)
+        if dtypes:
+            return dtypes[0] if dtypes[0] in (torch.float16, torch.bfloat16) else torch.float32
     return torch.float32
 
 

@@ -385,6 +385,26 @@ def read_kohya(path: str | os.PathLike) -> KohyaFile:
     return parsed
 
 
+# safetensors dtype names -> torch dtypes (the floating ones adapters and models store weights in)
+SAFETENSORS_FLOAT_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+def stored_dtypes_of(path: str | os.PathLike) -> list[torch.dtype | None]:
+    """The dtype of each tensor of the `.safetensors` file `path`, in the file's key order, read from the header
+    only (no tensor data): a floating torch dtype, or None for any other (integer, bool, float8).
+
+    Raises:
+        OSError, safetensors' errors: the file cannot be read.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        return [SAFETENSORS_FLOAT_DTYPES.get(f.get_slice(key).get_dtype()) for key in f.keys()]
+
+
 def read_safetensors(
     path: Path, error: type[LoHaDiffusionError] = KohyaFormatError
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
