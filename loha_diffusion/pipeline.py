@@ -53,7 +53,7 @@ from .errors import (
 )
 from .files import atomic_directory
 from .formats import embeddings
-from .formats.kohya import load_kohya
+from .formats.kohya import load_kohya, read_kohya
 from .formats.kohya.read import stored_dtypes_of
 from .formats.peft import load_peft
 from .layers import check_adapter_name
@@ -179,13 +179,10 @@ def _load_kohya_file(
     warning). If an embedding fails to load, the adapter is removed again before the error propagates."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", embeddings.BundledEmbeddingWarning)  # loaded below, not dropped
-        load_kohya(
-            path, adapter_name=adapter_name, scale=scale, allow_non_finite=allow_non_finite, **components
-        )
+        kfile = read_kohya(path)
+    load_kohya(kfile, adapter_name=adapter_name, scale=scale, allow_non_finite=allow_non_finite, **components)
     try:
-        embeddings.load_embeddings(
-            pipe, embeddings.plan_embeddings(pipe, embeddings.read_bundled_embeddings(path))
-        )
+        embeddings.load_embeddings(pipe, embeddings.plan_embeddings(pipe, kfile.embeddings))
     except Exception:
         delete_adapter(pipe, adapter_name)
         raise

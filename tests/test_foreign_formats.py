@@ -393,6 +393,10 @@ def test_bundled_embedding_not_applied_is_named(tmp_path, tiny_sd1_pipeline, tin
     with pytest.warns(BundledEmbeddingWarning, match=r"\['sksstyle'\].*load_adapter"):
         load_kohya(path, unet=tiny_sd1_pipeline.unet, text_encoder=tiny_sd1_pipeline.text_encoder)
     assert len(adapter_layers(tiny_sd1_pipeline.unet)) > 0  # the adapter part loads
+    with pytest.warns(BundledEmbeddingWarning):
+        kfile = read_kohya(path)  # the reader keeps the embedding apart from the adapter's modules
+    assert list(kfile.embeddings) == ["sksstyle"] and not any("bundle_emb" in m for m in kfile.modules)
+    assert torch.equal(kfile.embeddings["sksstyle"].vectors()["text_encoder"], torch.ones(1, 32))
     # An SD1-style embedding does not fit an SDXL pipeline: A1111 skips it and so do we, keeping the LoRA.
     sdxl = _with_bundle(
         tmp_path,

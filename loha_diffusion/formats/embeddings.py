@@ -14,14 +14,12 @@ warning what A1111 skips.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 BUNDLE_PREFIX = "bundle_emb."
 
@@ -30,8 +28,8 @@ SDXL_PARTS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_
 
 
 class BundledEmbeddingWarning(UserWarning):
-    """An embedding bundled in a LoRA file was not applied (the reader drops it; `pipeline.load_adapter` applies
-    it and silences this warning)."""
+    """An embedding bundled in a LoRA file was not applied (the reader keeps it apart, in `KohyaFile.embeddings`;
+    `load_kohya` does not apply it; `pipeline.load_adapter` applies it and silences this warning)."""
 
 
 @dataclass
@@ -92,17 +90,6 @@ def split_bundled(
         else:
             rest[key] = tensor
     return {name: _embedding(name, tensors) for name, tensors in grouped.items()}, rest
-
-
-def read_bundled_embeddings(path: str | os.PathLike) -> dict[str, BundledEmbedding]:
-    """The embeddings bundled in the `.safetensors` file at `path` (only their tensors are read).
-
-    Raises:
-        OSError, safetensors' errors: the file cannot be read (call after `read_kohya` has checked it).
-    """
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(BUNDLE_PREFIX)}
-    return split_bundled(tensors)[0]
 
 
 def not_applied_message(names: list[str], where: str) -> str:

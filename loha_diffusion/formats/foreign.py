@@ -411,14 +411,15 @@ def _rename_legacy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def as_kohya_layout(
     state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, bundled.BundledEmbedding]]:
     """The state dict and metadata of an adapter file with every tensor under its Kohya name (the layouts of
     this module's docstring; Kohya keys pass unchanged), tensors as given (same objects, plus fp32 0-dim alphas
-    for converted modules). The `lora_adapter_metadata` header is consumed into the alphas and
+    for converted modules), and the textual-inversion embeddings the file bundles (A1111's `bundle_emb.*`, by
+    name; kept apart from the adapter). The `lora_adapter_metadata` header is consumed into the alphas and
     `ss_base_model_version` added when the paths tell SDXL.
 
-    Warns (`formats.embeddings.BundledEmbeddingWarning`) when the file bundles textual-inversion embeddings:
-    they are dropped here (`pipeline.load_adapter` loads them).
+    Warns (`formats.embeddings.BundledEmbeddingWarning`) when the file bundles embeddings: only
+    `pipeline.load_adapter` applies them (it silences this warning).
 
     Raises:
         KohyaFormatError: a file that holds no SD1/SDXL adapter (only embeddings, a Flux/SD3 LoRA, a checkpoint,
@@ -442,5 +443,6 @@ def as_kohya_layout(
         unsupported = identify_unsupported(state)
         if unsupported is not None:
             raise _refusal(*unsupported)
-        return state, metadata
-    return _convert(state, parsed, metadata)
+        return state, metadata, found
+    state, metadata = _convert(state, parsed, metadata)
+    return state, metadata, found

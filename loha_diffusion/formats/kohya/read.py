@@ -34,6 +34,7 @@ from ...adapters import (
 )
 from ...errors import AdapterFileNotFoundError, KohyaFormatError, LoHaDiffusionError
 from .. import foreign, naming
+from ..embeddings import BundledEmbedding
 from ..reference import reference_delta
 
 # The Kohya tensor names of each kind, as the adapter classes declare them (kept for callers of the old module).
@@ -188,12 +189,14 @@ class KohyaModule:
 
 @dataclass
 class KohyaFile:
-    """A parsed Kohya/LyCORIS file: `modules` by Kohya module name, the string `metadata`, file-level problems."""
+    """A parsed Kohya/LyCORIS file: `modules` by Kohya module name, the string `metadata`, file-level problems,
+    and the textual-inversion embeddings bundled with the adapter (A1111's `bundle_emb.*`, by name)."""
 
     modules: dict[str, KohyaModule]
     metadata: dict[str, str]
     problems: list[str] = field(default_factory=list)
     path: Path | None = None
+    embeddings: dict[str, BundledEmbedding] = field(default_factory=dict)
 
     @property
     def all_problems(self) -> list[str]:
@@ -258,7 +261,7 @@ def parse_kohya_state_dict(
     Tensors are kept as given (same objects: dtype, device); `metadata` values are strings."""
     # Files in other tools' layouts (diffusers/PEFT LoRA, A1111's bundled embeddings, ...) under Kohya names, or
     # a KohyaFormatError naming a format that holds no SD adapter (formats/foreign.py).
-    state_dict, metadata = foreign.as_kohya_layout(state_dict, metadata)
+    state_dict, metadata, embeddings = foreign.as_kohya_layout(state_dict, metadata)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
     for key, tensor in state_dict.items():
@@ -268,7 +271,7 @@ def parse_kohya_state_dict(
             continue
         grouped.setdefault(module, {})[tensor_name] = tensor
     modules = {name: classify_module(name, tensors) for name, tensors in grouped.items()}
-    return KohyaFile(modules=modules, metadata=dict(metadata or {}), problems=problems)
+    return KohyaFile(modules=modules, metadata=dict(metadata or {}), problems=problems, embeddings=embeddings)
 
 
 def classify_module(name: str, tensors: Mapping[str, torch.Tensor]) -> KohyaModule:
