@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ..files import atomic_path
-from ..pipeline import list_adapters, load_adapter, unload_adapter
+from ..pipeline import from_pretrained_dtype, list_adapters, load_adapter, unload_adapter
 from .data import ImageRecord, load_image, transform_image
 from .models import resolve_base_model
 from .step import derive_seed, encode_latents, prediction_target
@@ -98,7 +98,7 @@ class Validator:
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
-                dtype=self.dtype,
+                **from_pretrained_dtype(self.dtype),  # `dtype` from diffusers 0.40, `torch_dtype` before
             ).to(self.device)
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
