@@ -7,7 +7,7 @@ in ComfyUI's or A1111's logs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -47,6 +47,22 @@ def overflowing_modules(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype)
             name = module_name(key)
             worst[name] = max(worst.get(name, 0.0), peak)
     return [f"{name} (max |x| = {peak:.3g})" for name, peak in sorted(worst.items())]
+
+
+def delta_bound(scaling: float, factors: Iterable[torch.Tensor], rank: int) -> float:
+    """A cheap upper bound of an adapter's max|ΔW| without building ΔW: |`scaling`| times, per factor, its
+    largest magnitude times `rank` (every inner sum of every kind — LoRA, LoHa, LoKr, CP/Tucker cores — runs
+    over at most the rank). Exact enough to clear ordinary adapters; inf/nan when a factor is.
+
+    Args:
+        scaling: the factor the rebuilt product is multiplied by (alpha / rank, ...).
+        factors: the adapter's non-empty factor tensors (any dtype, any device; alpha excluded).
+        rank: the adapter's rank (values below 1 count as 1).
+    """
+    bound = abs(scaling)
+    for tensor in factors:
+        bound *= float(tensor.detach().abs().max()) * max(rank, 1)
+    return bound
 
 
 def check_writable(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, target: str) -> None:

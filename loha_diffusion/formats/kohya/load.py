@@ -15,6 +15,7 @@ from torch import nn
 
 from ...adapters import Adapter, LayerSpec
 from ...errors import AdapterNameError, KohyaFormatError, format_problems
+from ...finite import delta_bound
 from ...layers import AdapterLayer, check_adapter_name
 from ...model import LoHaModel, adapter_names, add_adapter
 from .. import naming
@@ -215,20 +216,10 @@ def _build_adapters(
     return built, unmatched, shape_errors, duplicates
 
 
-def delta_bound(adapter: Adapter) -> float:
-    """An upper bound of max|ΔW| of `adapter` (its `scaling` included) without building ΔW: every entry of a
-    product of factors is at most the product of their largest magnitudes times the rank once per factor (each
-    inner sum of every kind runs over a rank). Exact enough to clear ordinary files; inf when a factor is."""
-    bound = abs(adapter.scaling)
-    for tensor in adapter.state_tensors().values():
-        bound *= float(tensor.detach().abs().max()) * max(adapter.r, 1)
-    return bound
-
-
 def delta_peak(adapter: Adapter, limit: float) -> float | None:
     """max|ΔW| of `adapter` when it exceeds `limit` (or ΔW is not finite: inf), else None. ΔW is only built
-    when the cheap `delta_bound` exceeds `limit`."""
-    if delta_bound(adapter) <= limit:
+    when the cheap `finite.delta_bound` exceeds `limit`."""
+    if delta_bound(adapter.scaling, adapter.state_tensors().values(), adapter.r) <= limit:
         return None
     with torch.no_grad():
         delta = adapter.delta_weight().double()

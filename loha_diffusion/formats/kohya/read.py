@@ -33,6 +33,7 @@ from ...adapters import (
     kind_titles,
 )
 from ...errors import AdapterFileNotFoundError, KohyaFormatError, LoHaDiffusionError
+from ...finite import delta_bound
 from .. import foreign, naming
 from ..embeddings import BundledEmbedding
 from ..reference import reference_delta
@@ -135,10 +136,7 @@ class KohyaModule:
         every kind runs over a rank). inf/nan when a factor is; 0.0 for an unusable module."""
         if self.problems:
             return 0.0
-        bound = abs(self.scaling)
-        for tensor in self.tensors.values():
-            bound *= float(tensor.float().abs().max()) * max(self.rank or 1, 1)
-        return bound
+        return delta_bound(self.scaling, self.tensors.values(), self.rank or 1)
 
     def peak_delta(self, limit: float = 0.0) -> float:
         """max|ΔW| of the module (`scaling` applied, multiplier 1) from the plain formulas in float64
