@@ -179,16 +179,35 @@ def load_with_hint(cfg: TrainConfig, loader: Callable[..., T]) -> T:
         ) from None
 
 
+ARCHS = ("sd1", "sd2", "sdxl")  # base-model architectures the trainer knows (kohya: SD1.x, `--v2`, sdxl_*)
+
+
 @dataclass
 class Models:
     """The base model's parts, as diffusers' training scripts load them (`CLIPTokenizer`, `CLIPTextModel`,
-    `AutoencoderKL`, `UNet2DConditionModel`, `DDPMScheduler`)."""
+    `AutoencoderKL`, `UNet2DConditionModel`, `DDPMScheduler`); SDXL adds its second tokenizer and text
+    encoder (`CLIPTextModelWithProjection`, OpenCLIP bigG), None for SD1.x/SD2.x.
+
+    `arch` is one of `ARCHS`."""
 
     tokenizer: Any
     text_encoder: nn.Module
     vae: nn.Module
     unet: nn.Module
     noise_scheduler: Any
+    tokenizer_2: Any = None
+    text_encoder_2: nn.Module | None = None
+    arch: str = "sd1"
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        """The tokenizers, first then second (SDXL)."""
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders, first then second (SDXL)."""
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
 
 
 def load_tokenizer(cfg: TrainConfig) -> Any:
