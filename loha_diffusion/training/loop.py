@@ -79,7 +79,7 @@ from .step import (
     sample_noise_and_timesteps,
 )
 from .tracker import Tracker
-from .validation import Validator, fixed_denoising_loss
+from .validation import Validator, fixed_denoising_loss, make_validator
 
 __all__ = ["Run", "TrainConfig", "TrainResult", "dry_run", "load_config", "main", "run_config", "train"]
 
@@ -325,28 +325,6 @@ def prepare(
     if cfg.checkpointing_steps or cfg.resume_from_checkpoint:
         check_checkpointable(accelerator, run.resumable)
     return run
-
-
-def make_validator(cfg: TrainConfig, accelerator: Any, models: Models) -> Validator | None:
-    """The validation renderer on the main process when `validation_prompt` is set, else None."""
-    if not (accelerator.is_main_process and cfg.validation_prompt):
-        return None
-    return Validator(
-        model_path=cfg.pretrained_model_name_or_path,
-        revision=cfg.revision,
-        variant=cfg.variant,
-        prompts=cfg.validation_prompt,
-        images_per_prompt=cfg.num_validation_images,
-        resolution=cfg.validation_resolution or cfg.resolution,
-        num_inference_steps=cfg.validation_num_inference_steps,
-        guidance_scale=cfg.validation_guidance_scale,
-        seed=cfg.seed,
-        vae=models.vae,
-        tokenizer=models.tokenizer,
-        device=accelerator.device,
-        dtype=weight_dtype(accelerator.mixed_precision),
-        output_dir=cfg.output_dir,
-    )
 
 
 def start_outputs(run: Run) -> None:

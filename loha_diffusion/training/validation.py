@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -15,8 +16,9 @@ from torch import nn
 
 from ..files import atomic_path
 from ..pipeline import from_pretrained_dtype, list_adapters, load_adapter, unload_adapter
+from .config import TrainConfig
 from .data import ImageRecord, load_image, transform_image
-from .models import resolve_base_model
+from .models import Models, resolve_base_model, weight_dtype
 from .step import derive_seed, encode_latents, prediction_target
 
 logger = logging.getLogger(__name__)
@@ -140,6 +142,28 @@ class Validator:
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")  # the temporary name has no .png suffix to infer it from
         return grid, path
+
+
+def make_validator(cfg: TrainConfig, accelerator: Any, models: Models) -> Validator | None:
+    """The validation renderer on the main process when `validation_prompt` is set, else None."""
+    if not (accelerator.is_main_process and cfg.validation_prompt):
+        return None
+    return Validator(
+        model_path=cfg.pretrained_model_name_or_path,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        prompts=cfg.validation_prompt,
+        images_per_prompt=cfg.num_validation_images,
+        resolution=cfg.validation_resolution or cfg.resolution,
+        num_inference_steps=cfg.validation_num_inference_steps,
+        guidance_scale=cfg.validation_guidance_scale,
+        seed=cfg.seed,
+        vae=models.vae,
+        tokenizer=models.tokenizer,
+        device=accelerator.device,
+        dtype=weight_dtype(accelerator.mixed_precision),
+        output_dir=cfg.output_dir,
+    )
 
 
 @torch.no_grad()
