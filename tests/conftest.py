@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ldm_checkpoint import save_tiny_sd2_pipeline, write_single_file
 
 from loha_diffusion import tiny
 from loha_diffusion.formats.reference import reference_delta as format_reference_delta
@@ -68,6 +69,47 @@ def tiny_sd1_pipeline_dir(tmp_path_factory) -> Path:
 def tiny_sdxl_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny SDXL diffusers folder (read-only for tests: copy it before changing anything)."""
     return tiny.save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "pipeline", "sdxl")
+
+
+# -- single-file base models (original LDM/SGM layout), converted from the tiny diffusers folders above -----
+# The file holds exactly the folder's weights (tests/ldm_checkpoint.py), so a model loaded from the file must
+# equal the one loaded from the folder; load it with the folder as its config (`single_file` `config_dir`).
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_single_file(tiny_sd1_pipeline_dir, tmp_path_factory) -> Path:
+    """`tiny_sd1_pipeline_dir`'s weights as one LDM-layout `.safetensors` file (read-only)."""
+    return write_single_file(
+        tiny_sd1_pipeline_dir, tmp_path_factory.mktemp("single") / "tiny-sd1.safetensors"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_ckpt(tiny_sd1_pipeline_dir, tmp_path_factory) -> Path:
+    """`tiny_sd1_pipeline_dir`'s weights as a `.ckpt` (torch pickle of `{"state_dict": ...}`), read-only."""
+    return write_single_file(tiny_sd1_pipeline_dir, tmp_path_factory.mktemp("single") / "tiny-sd1.ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_single_file(tiny_sdxl_pipeline_dir, tmp_path_factory) -> Path:
+    """`tiny_sdxl_pipeline_dir`'s weights as one SGM-layout `.safetensors` file (read-only)."""
+    return write_single_file(
+        tiny_sdxl_pipeline_dir, tmp_path_factory.mktemp("single") / "tiny-sdxl.safetensors"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_pipeline_dir(tmp_path_factory) -> Path:
+    """A saved tiny SD2-shaped diffusers folder (linear projections, OpenCLIP-style encoder), read-only."""
+    return save_tiny_sd2_pipeline(tmp_path_factory.mktemp("tiny_sd2") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_single_file(tiny_sd2_pipeline_dir, tmp_path_factory) -> Path:
+    """`tiny_sd2_pipeline_dir`'s weights as one LDM-layout `.safetensors` file (OpenCLIP names), read-only."""
+    return write_single_file(
+        tiny_sd2_pipeline_dir, tmp_path_factory.mktemp("single") / "tiny-sd2.safetensors"
+    )
 
 
 # -- adapter files written by hand ----------------------------------------------------------------------
