@@ -114,17 +114,44 @@ def test_transform_resize_crop_flip():
     array[:, :30] = 255  # left half white
     image = Image.fromarray(array)
     gen = torch.Generator().manual_seed(0)
-    out = transform_image(image, 16, center_crop=True, random_flip=False, generator=gen)
+    transformed = transform_image(image, 16, center_crop=True, random_flip=False, generator=gen)
+    out = transformed.pixels
     assert out.shape == (3, 16, 16) and out.min() >= -1 and out.max() <= 1
     # Center crop of a 32x16 resize: left half white, right half black.
     assert out[:, :, :6].mean() > 0.9 and out[:, :, -6:].mean() < -0.9
+    # SDXL's micro-conditioning: the size before resizing (h, w), the crop's (top, left) in the 16x32 resize.
+    assert transformed.original_size == (30, 60) and transformed.crop_top_left == (0, 8)
     flips = set()
     for seed in range(8):
         crop = transform_image(
             image, 16, center_crop=False, random_flip=True, generator=torch.Generator().manual_seed(seed)
-        )
+        ).pixels
         flips.add(bool(crop[:, :, 0].mean() < crop[:, :, -1].mean()))
     assert flips == {True, False}  # random crops/flips vary with the generator
+
+
+def test_crop_offsets_are_measured_in_the_image_the_crop_came_from():
+    """A random crop's (top, left) locates its pixels in the resized image, flipped or not (diffusers flips
+    before cropping, so a flipped sample's left offset is counted from the flipped image's left edge)."""
+    array = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(array)  # 40x20: resized to 32x16 for resolution 16
+    resized = np.asarray(image.resize((32, 16), Image.Resampling.LANCZOS), dtype=np.float32) / 127.5 - 1.0
+    seen_flip = seen_plain = False
+    for seed in range(12):
+        out = transform_image(
+            image, 16, center_crop=False, random_flip=True, generator=torch.Generator().manual_seed(seed)
+        )
+        top, left = out.crop_top_left
+        pixels = out.pixels.permute(1, 2, 0).numpy()
+        plain = resized[top : top + 16, left : left + 16]
+        flipped = resized[:, ::-1][top : top + 16, left : left + 16]
+        if np.allclose(pixels, plain):
+            seen_plain = True
+        else:
+            assert np.allclose(pixels, flipped), seed
+            seen_flip = True
+        assert out.original_size == (20, 40)
+    assert seen_flip and seen_plain
 
 
 def test_samples_are_deterministic_per_epoch_and_index(tmp_path):

@@ -64,7 +64,7 @@ def test_missing_tracker_stops_the_run_before_any_model_loads(monkeypatch, tmp_p
         raise AssertionError("a model was loaded before the settings were checked")
 
     monkeypatch.setitem(sys.modules, "wandb", None)
-    for name in ("load_tokenizer", "load_models"):
+    for name in ("base_model_arch", "load_tokenizers", "load_models"):
         monkeypatch.setattr(loop, name, no_model)
     code = loop.main(flags(tmp_path / "model", "--output_dir", str(tmp_path / "out"), "--report_to", "wandb"))
     assert code == 2

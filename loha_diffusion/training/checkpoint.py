@@ -2,7 +2,7 @@
 continues the same run.
 
 A checkpoint folder `checkpoint-<step>/` holds the adapter tensors (`unet_adapter.safetensors`,
-`text_encoder_adapter.safetensors`), the optimizer, LR scheduler, fp16 gradient-scaler and per-process RNG
+`text_encoder_adapter.safetensors`, SDXL's `text_encoder_2_adapter.safetensors`), the optimizer, LR scheduler, fp16 gradient-scaler and per-process RNG
 states (`optimizer.json` + `optimizer.safetensors`, `scheduler.json`, `scaler.json`,
 `random_states_<rank>.json` + `.safetensors`; see `statefile.py`), `train_state.json` (`TrainState`: global
 step, epoch geometry), `run_record.json` (the settings of the run, the fingerprint of its data
@@ -50,7 +50,7 @@ from ..model import get_adapter_state_dict, set_adapter_state_dict
 from ..utils import format_number
 from .config import TrainConfig
 from .data import DatasetSummary
-from .models import ADAPTER_NAME
+from .models import ADAPTER_NAME, vae_in_float32
 from .statefile import encode_state, parse_state_files, rng_state, set_rng_state, state_files
 
 logger = logging.getLogger(__name__)
@@ -98,21 +98,31 @@ REFUSED_ON_RESUME: dict[str, str] = {
     ),
     **dict.fromkeys(_ADAPTER_SETTINGS, _ADAPTER),
     **dict.fromkeys(("prediction_type", "snr_gamma", "noise_offset"), _OBJECTIVE),
+    "model_arch": "the base model's architecture (its text encoders and conditioning)",
+    "pretrained_vae_model_name_or_path": "the latents the UNet learns to denoise",
     "use_8bit_adam": "the optimizer state's format",
 }
 # Settings a resume applies from the resumed step on (the loop logs each change and records it in the file).
 OPTIMIZER_SETTINGS = (
     "learning_rate",
     "text_encoder_lr",
+    "text_encoder_2_lr",
     "adam_beta1",
     "adam_beta2",
     "adam_epsilon",
     "adam_weight_decay",
 )  # read back from the restored optimizer (`models.optimizer_settings`)
 SCHEDULE_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "max_train_steps")
-APPLIED_ON_RESUME = (*OPTIMIZER_SETTINGS, "max_grad_norm", *SCHEDULE_SETTINGS, "mixed_precision")
-# Settings whose change is allowed with a warning: a moved base model folder is the same model.
-WARNED_ON_RESUME = ("pretrained_model_name_or_path", "revision")
+# `no_half_vae` only changes the precision the frozen VAE encodes in, as `mixed_precision` does.
+APPLIED_ON_RESUME = (
+    *OPTIMIZER_SETTINGS,
+    "max_grad_norm",
+    *SCHEDULE_SETTINGS,
+    "mixed_precision",
+    "no_half_vae",
+)
+# Settings whose change is allowed with a warning: a moved base model folder (or config folder) is the same model.
+WARNED_ON_RESUME = ("pretrained_model_name_or_path", "revision", "model_config")
 
 
 @dataclass
@@ -151,7 +161,7 @@ class TrainState:
 @dataclass(frozen=True)
 class Resumable:
     """What a checkpoint stores besides its run record: the trained models by name (`{"unet": ...,
-    "text_encoder": ...}`, unwrapped; only their adapter tensors are stored), the optimizer and LR scheduler
+    "text_encoder": ..., "text_encoder_2": ...}`, unwrapped; only their adapter tensors are stored), the optimizer and LR scheduler
     as `accelerator.prepare` returned them, and the `TrainState`."""
 
     adapters: dict[str, nn.Module]
@@ -588,19 +598,31 @@ def _restore(path: Path, name: str, target: Any, state: Any) -> None:
 
 
 def run_settings(
-    cfg: TrainConfig, *, num_processes: int, mixed_precision: str, max_train_steps: int | None = None
+    cfg: TrainConfig,
+    *,
+    num_processes: int,
+    mixed_precision: str,
+    max_train_steps: int | None = None,
+    arch: str | None = None,
 ) -> dict[str, Any]:
     """The settings of a run as a resume compares them: every config field as given (`alpha` None stays None:
-    a changed rank is then one difference, not three), except `text_encoder_lr`, the rate in effect (None
-    without `train_text_encoder`); plus the process count, accelerate's resolved `mixed_precision` and the
-    schedule's `max_train_steps` (also when it comes from `num_train_epochs`; None where not known yet)."""
+    a changed rank is then one difference, not three), except the text-encoder learning rates, the rates in
+    effect (None without `train_text_encoder`; `text_encoder_2_lr` only for SDXL); plus the process count,
+    accelerate's resolved `mixed_precision` and the schedule's `max_train_steps` (also when it comes from
+    `num_train_epochs`; None where not known yet). With the base model's `arch` (`models.ARCHS`), `model_arch`
+    is the architecture in effect and `no_half_vae` whether the VAE runs in float32 (`models.vae_in_float32`),
+    not what the config left unset."""
     settings = cfg.to_dict()
+    te_lr = (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None
     settings.update(
-        text_encoder_lr=(cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None,
+        text_encoder_lr=te_lr,
+        text_encoder_2_lr=(cfg.text_encoder_2_lr or te_lr) if te_lr and arch in (None, "sdxl") else None,
         num_processes=num_processes,
         mixed_precision=mixed_precision,
         max_train_steps=max_train_steps,
     )
+    if arch is not None:
+        settings.update(model_arch=arch, no_half_vae=vae_in_float32(cfg, arch))
     return settings
 
 

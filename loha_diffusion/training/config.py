@@ -1,4 +1,5 @@
-"""`TrainConfig`: the one typed source of truth for a training run, built from a TOML file and CLI flags.
+"""`TrainConfig`: the one typed source of truth for a training run (SD1.x, SD2.x or SDXL, from a diffusers
+folder, a hub id or a single `.safetensors`/`.ckpt` file), built from a TOML file and CLI flags.
 
 Precedence is defaults < TOML (`--config file.toml`) < command-line flags. Flag names follow diffusers'
 training scripts; kohya sd-scripts names are accepted as aliases (`--network_dim` = `--rank`, ...). Unknown
@@ -56,7 +57,31 @@ class TrainConfig:
     """Every setting of a training run; field names are the TOML keys and the `--flag` names."""
 
     # --- base model ---
-    pretrained_model_name_or_path: str = _f("", "diffusers folder or hub id of the SD1.x/SD2.x base model")
+    pretrained_model_name_or_path: str = _f(
+        "",
+        "base model (SD1.x, SD2.x or SDXL): a diffusers folder, a hub id, or one .safetensors/.ckpt file in the "
+        "original (LDM/SGM) layout",
+    )
+    model_config: str | None = _f(
+        None,
+        "local diffusers folder whose component configs and tokenizers a single-file base model uses "
+        "(default: the configs this package ships for SD1.5, SD2.1 and SDXL base)",
+    )
+    model_arch: str | None = _f(
+        None,
+        "architecture of the base model, overriding the detected one (kohya's --v2 means sd2)",
+        choices=("sd1", "sd2", "sdxl"),
+    )
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None,
+        "a separate VAE (diffusers folder or hub id), e.g. an fp16-safe SDXL VAE (default: the base model's)",
+        aliases=("vae",),
+    )
+    no_half_vae: bool | None = _f(
+        None,
+        "keep the VAE in float32 under mixed precision (default: on for SDXL, whose VAE overflows in fp16, "
+        "unless pretrained_vae_model_name_or_path gives a separate VAE; off for SD1.x/SD2.x)",
+    )
     revision: str | None = _f(None, "model revision (hub branch, tag or commit)")
     variant: str | None = _f(None, "weight variant to load, e.g. fp16")
     prediction_type: str | None = _f(
@@ -92,9 +117,13 @@ class TrainConfig:
     exclude_modules: list[str] | None = _f(None, "UNet module names/suffixes never to adapt (PEFT rules)")
     rank_pattern: dict[str, int] = _f(help="per-module rank overrides, {name regex: rank}", factory=dict)
     alpha_pattern: dict[str, float] = _f(help="per-module alpha overrides, {name regex: alpha}", factory=dict)
-    train_text_encoder: bool = _f(False, "also train an adapter on the text encoder")
+    train_text_encoder: bool = _f(False, "also train an adapter on the text encoder (SDXL: on both)")
     text_encoder_lr: float | None = _f(
-        None, "learning rate of the text encoder adapter (default: learning_rate)"
+        None,
+        "learning rate of the text encoder adapter (SDXL: the first, CLIP ViT-L) (default: learning_rate)",
+    )
+    text_encoder_2_lr: float | None = _f(
+        None, "learning rate of SDXL's second text encoder adapter (OpenCLIP bigG) (default: text_encoder_lr)"
     )
     # --- data ---
     train_data_dir: str = _f(
@@ -104,7 +133,11 @@ class TrainConfig:
     caption_extension: str = _f(".txt", "extension of the caption file next to each image")
     image_column: str = _f("file_name", "metadata.jsonl key holding the image file name")
     caption_column: str = _f("text", "metadata.jsonl key holding the caption")
-    resolution: int = _f(512, "training resolution in pixels (square, divisible by 8)")
+    resolution: int | None = _f(
+        None,
+        "training resolution in pixels (square, divisible by 8) (default: the architecture's: 512 SD1.x, "
+        "768 SD2.x v-prediction, 512 SD2.x epsilon, 1024 SDXL)",
+    )
     center_crop: bool = _f(False, "center crop instead of random crop")
     random_flip: bool = _f(False, "randomly flip images horizontally")
     caption_dropout_rate: float = _f(0.0, "probability of training a sample with an empty caption")
@@ -152,7 +185,7 @@ class TrainConfig:
         "autocast precision; adapter weights stay fp32 (default: accelerate config)",
         choices=("no", "fp16", "bf16"),
     )
-    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet (and text encoder)")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet (and text encoders)")
     enable_xformers_memory_efficient_attention: bool = _f(
         False, "use xformers attention instead of PyTorch SDPA", aliases=("xformers",)
     )
@@ -206,12 +239,18 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(map(repr, choices))}")
         if not self.pretrained_model_name_or_path:
-            raise ConfigError("pretrained_model_name_or_path is required (a diffusers folder or hub id)")
+            raise ConfigError(
+                "pretrained_model_name_or_path is required (a diffusers folder, a hub id or a .safetensors file)"
+            )
         if not self.train_data_dir:
             raise ConfigError("train_data_dir is required (a folder of images with captions)")
+        if self.model_config is not None and not Path(self.model_config).expanduser().is_dir():
+            raise ConfigError(
+                f"model_config = {self.model_config!r} is not a folder; give a local diffusers folder (with "
+                "model_index.json and the component configs), or leave it unset for the shipped configs"
+            )
         for name in (
             "rank",
-            "resolution",
             "train_batch_size",
             "gradient_accumulation_steps",
             "lr_num_cycles",
@@ -228,6 +267,7 @@ class TrainConfig:
             "checkpointing_steps",
             "checkpoints_total_limit",
             "validation_steps",
+            "resolution",
             "validation_resolution",
             "max_image_pixels",
         ):
@@ -246,7 +286,7 @@ class TrainConfig:
             _check(name, getattr(self, name), lambda v: 0 <= v < 1, "in [0, 1)")
         for name in ("learning_rate", "adam_epsilon"):
             _check(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "> 0")
-        for name in ("alpha", "conv_alpha", "text_encoder_lr", "snr_gamma"):
+        for name in ("alpha", "conv_alpha", "text_encoder_lr", "text_encoder_2_lr", "snr_gamma"):
             _check(
                 name,
                 getattr(self, name),
@@ -594,18 +634,25 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
 
+# kohya sd-scripts' on/off switches that mean one value of one of our settings: `switch = true` sets it.
+KOHYA_SWITCHES: dict[str, tuple[str, str]] = {
+    "v_parameterization": ("prediction_type", "v_prediction"),  # kohya's switch for v-prediction models
+    "v2": ("model_arch", "sd2"),  # kohya's switch for SD2.x base models
+}
+
+
 def _canonical(raw: dict[str, Any], where: str) -> dict[str, Any]:
     """Map aliases to field names; reject unknown keys and a key given twice under two names."""
     fields, aliases = _field_table()
     out: dict[str, Any] = {}
     given_as: dict[str, str] = {}
     for key, value in raw.items():
-        if key == "v_parameterization":  # kohya's switch for v-prediction models
+        if key in KOHYA_SWITCHES:
             if not isinstance(value, bool):
-                raise ConfigError(f"v_parameterization = {value!r} has the wrong type: expected bool")
+                raise ConfigError(f"{key} = {value!r} has the wrong type: expected bool")
             if not value:
                 continue
-            name, value = "prediction_type", "v_prediction"
+            name, value = KOHYA_SWITCHES[key]
         elif key in fields:
             name = key
         elif key in aliases:
@@ -648,7 +695,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     """
     parser = _ArgumentParser(
         prog="train_loha_sd.py",
-        description="Train a LoHa/LoRA adapter for Stable Diffusion 1.x/2.x. Flags override the --config TOML.",
+        description="Train a LoHa/LoRA adapter for Stable Diffusion 1.x, 2.x or SDXL. Flags override the --config "
+        "TOML.",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
     )
@@ -668,19 +716,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
             kwargs.update(nargs="+", metavar="NAME=VALUE" if kind is dict else "VALUE")
         flags = [f"--{f.name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
         parser.add_argument(*flags, **kwargs)
-    parser.add_argument(
-        "--v_parameterization",
-        nargs="?",
-        const=True,
-        metavar="BOOL",
-        help="kohya alias: same as --prediction_type v_prediction",
-    )
+    for switch, (name, value) in KOHYA_SWITCHES.items():
+        parser.add_argument(
+            f"--{switch}",
+            nargs="?",
+            const=True,
+            metavar="BOOL",
+            help=f"kohya alias: same as --{name} {value}",
+        )
     return parser
 
 
 def _flag_names() -> list[str]:
     fields, aliases = _field_table()
-    return ["config", "v_parameterization", *fields, *aliases]
+    return ["config", *KOHYA_SWITCHES, *fields, *aliases]
 
 
 def _unknown_flags(tokens: list[str]) -> ConfigError:
@@ -739,9 +788,12 @@ def load_config(
     hints = typing.get_type_hints(TrainConfig)
     cli: dict[str, Any] = {}
     for key, text in args.items():
-        if key == "v_parameterization":
+        if key in KOHYA_SWITCHES:
+            name, value = KOHYA_SWITCHES[key]
             if _parse_cli_value(key, text, bool):
-                cli["prediction_type"] = "v_prediction"
+                if name in args:
+                    raise ConfigError(f"--{key} and --{name} both set {name}; give it once")
+                cli[name] = value
             continue
         cli[key] = _parse_cli_value(key, text, hints[key])
     values.update(cli)

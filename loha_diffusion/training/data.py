@@ -47,6 +47,7 @@ __all__ = [
     "ImageReader",
     "ImageRecord",
     "Schedule",
+    "TransformedImage",
     "collate",
     "compute_schedule",
     "image_reader",
@@ -69,14 +70,28 @@ def load_image(path: str | Path, reader: ImageReader = DEFAULT_READER) -> Image.
     return reader.read(path)
 
 
+@dataclass(frozen=True)
+class TransformedImage:
+    """A training image as the UNet sees it, and where it came from (SDXL's micro-conditioning): `pixels`
+    float32 `(3, resolution, resolution)` in [-1, 1]; `original_size` (height, width) of the image before
+    resizing; `crop_top_left` (top, left) of the crop in the resized image, in pixels (of the flipped image
+    when flipped), as diffusers' `train_text_to_image_lora_sdxl.py` and kohya's SDXL scripts record them."""
+
+    pixels: torch.Tensor
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
 def transform_image(
     image: Image.Image, resolution: int, *, center_crop: bool, random_flip: bool, generator: torch.Generator
-) -> torch.Tensor:
+) -> TransformedImage:
     """Resize the short side to `resolution` (Lanczos), crop a square (center or random), maybe flip.
 
-    Returns a float32 CPU tensor of shape `(3, resolution, resolution)` with values in [-1, 1]. The crop offset
-    and the flip coin come from `generator` (the coin is drawn even with `random_flip` off).
+    Returns the float32 CPU pixels `(3, resolution, resolution)` in [-1, 1] with the image's original size and
+    crop offsets (`TransformedImage`). The crop offset and the flip coin come from `generator` (the coin is
+    drawn even with `random_flip` off).
     """
+    original_size = (image.height, image.width)
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -93,15 +108,20 @@ def transform_image(
     flip = bool(torch.rand((), generator=generator) < 0.5)
     if random_flip and flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = (
+            width - resolution - left
+        )  # the same crop, measured in the flipped image (diffusers flips first)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return TransformedImage(pixels, original_size, (top, left))
 
 
 class CaptionedImageDataset(Dataset):
     """Samples of a scanned dataset, indexed by `(epoch, index)`; kohya repeats expand the index range.
 
     A sample is `{"pixel_values": float32 (3, resolution, resolution) in [-1, 1], "caption": str (empty when
-    dropped), "sample_seed": int}`, a function of `(seed, epoch, index)` only."""
+    dropped), "sample_seed": int, "original_size": (height, width), "crop_top_left": (top, left)}` (see
+    `TransformedImage`), a function of `(seed, epoch, index)` only."""
 
     def __init__(
         self,
@@ -128,7 +148,7 @@ class CaptionedImageDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[self._record_of_sample[index]]
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, index))
-        pixels = transform_image(
+        image = transform_image(
             record.reader.read(record.path),
             self.resolution,
             center_crop=self.center_crop,
@@ -137,9 +157,11 @@ class CaptionedImageDataset(Dataset):
         )
         drop = bool(torch.rand((), generator=generator) < self.caption_dropout_rate)
         return {
-            "pixel_values": pixels,
+            "pixel_values": image.pixels,
             "caption": "" if drop else record.caption,
             "sample_seed": derive_seed(self.seed, "sample", epoch, index),
+            "original_size": image.original_size,
+            "crop_top_left": image.crop_top_left,
         }
 
 
@@ -171,11 +193,15 @@ class EpochSampler(Sampler):
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """A batch of B samples: `pixel_values` float32 `(B, 3, H, W)` in [-1, 1], `captions` a list of B strings,
-    `sample_seeds` int64 `(B,)` (one seed per sample for its noise, timestep and VAE sample, see `step.py`)."""
+    `sample_seeds` int64 `(B,)` (one seed per sample for its noise, timestep and VAE sample, see `step.py`),
+    `original_sizes` and `crops_top_left` int64 `(B, 2)` ((height, width), (top, left): SDXL's
+    micro-conditioning, see `conditioning.sdxl_time_ids`)."""
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "captions": [e["caption"] for e in examples],
         "sample_seeds": torch.tensor([e["sample_seed"] for e in examples], dtype=torch.int64),
+        "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.int64),
+        "crops_top_left": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.int64),
     }
 
 

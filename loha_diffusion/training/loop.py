@@ -44,6 +44,7 @@ from .checkpoint import (
     save_checkpoint,
     show_value,
 )
+from .conditioning import unet_conditioning
 from .config import TrainConfig, load_config, report_user_error
 from .data import (
     DatasetSummary,
@@ -59,15 +60,19 @@ from .models import (
     Models,
     add_adapters,
     apply_optimizer_settings,
+    base_model_arch,
     freeze_base_models,
+    group_learning_rates,
     load_models,
-    load_tokenizer,
+    load_tokenizers,
     make_lr_scheduler,
     make_optimizer,
     optimizer_settings,
+    resolve_arch_defaults,
     text_encoder_adapter_config,
     trainable_param_groups,
     unet_adapter_config,
+    vae_in_float32,
     weight_dtype,
 )
 from .plan import dry_run
@@ -104,9 +109,9 @@ class TrainResult:
 class Run:
     """A prepared training run: what the steps of `train` share.
 
-    `models` holds the unwrapped modules (checkpoints, exports and validation read their adapters); `unet`
-    and `text_encoder` are what `accelerator.prepare` returned (the training step calls them; the text
-    encoder is prepared only when trained). `state.global_step` counts optimizer steps, `epoch` is the
+    `models` holds the unwrapped modules (checkpoints, exports and validation read their adapters); `unet`,
+    `text_encoder` and `text_encoder_2` (SDXL, else None) are what `accelerator.prepare` returned (the
+    training step calls them; the text encoders are prepared only when trained). `state.global_step` counts optimizer steps, `epoch` is the
     0-based epoch in progress, `micro_step`/`loss_sum` the micro-batches since the last optimizer step and
     their summed losses. `fingerprint` identifies the data (`checkpoint.dataset_fingerprint`); `changes` are
     the settings resumes changed (`{"after_step", "setting", "old", "new"}`), kept in checkpoints and files."""
@@ -118,6 +123,7 @@ class Run:
     models: Models
     unet: nn.Module
     text_encoder: nn.Module
+    text_encoder_2: nn.Module | None
     prediction_type: str
     params: list[nn.Parameter]
     optimizer: Any
@@ -149,11 +155,19 @@ class Run:
 
     @property
     def adapters(self) -> dict[str, nn.Module]:
-        """The trained models by checkpoint name (`{"unet": ...}`, plus `"text_encoder"` when trained)."""
+        """The trained models by checkpoint name (`{"unet": ...}`, plus `"text_encoder"` and for SDXL
+        `"text_encoder_2"` when the text encoders are trained)."""
         trained = {"unet": self.models.unet}
         if self.cfg.train_text_encoder:
             trained["text_encoder"] = self.models.text_encoder
+            if self.models.text_encoder_2 is not None:
+                trained["text_encoder_2"] = self.models.text_encoder_2
         return trained
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders the training step calls: the prepared ones when trained, first then second."""
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
 
     @property
     def resumable(self) -> Resumable:
@@ -181,21 +195,25 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     accelerator = make_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
     # Data and settings first: their errors should stop the run before minutes of model loading.
-    # Only the tokenizer (small files, no weights), so the scan can count caption tokens.
-    tokenizer = load_tokenizer(cfg)
-    summary = scan_training_data(cfg, tokenizer)
+    # The architecture from the configs (it sets the default resolution), and only the tokenizers (small
+    # files, no weights), so the scan can count caption tokens.
+    arch = base_model_arch(cfg)
+    resolve_arch_defaults(cfg, arch)
+    tokenizers = load_tokenizers(cfg)
+    summary = scan_training_data(cfg, tokenizers[0])
     logger.info("data: %s", "\n  ".join([summary.describe(), *summary.facts()]))
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
     fingerprint = dataset_fingerprint(summary)
     settings = run_settings(
-        cfg, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision
+        cfg, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision, arch=arch
     )
     resume = check_resume(resolve_resume_path(cfg), settings, fingerprint)
 
     set_seed(cfg.seed)  # the same adapter initialisation in every process
-    models = load_models(cfg, tokenizer)
+    models = load_models(cfg, tokenizers)
     prediction_type = resolve_prediction_type(models.noise_scheduler, cfg.prediction_type)
-    freeze_base_models(models, accelerator.device, weight_dtype(accelerator.mixed_precision))
+    dtype = weight_dtype(accelerator.mixed_precision)
+    freeze_base_models(models, accelerator.device, dtype, vae_float32=vae_in_float32(cfg, models.arch))
     add_adapters(models, cfg, unet_config, te_config)
     optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models))
     loader, sampler = training_dataloader(cfg, summary)
@@ -287,16 +305,19 @@ def prepare(
             state that is not tensors and plain values; see `checkpoint.check_checkpointable`).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]  # what gradient clipping sees
+    text_encoders = models.text_encoders
     if cfg.train_text_encoder:
-        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            models.unet, models.text_encoder, optimizer, loader, lr_scheduler
+        unet, *text_encoders, optimizer, loader, lr_scheduler = accelerator.prepare(
+            models.unet, *text_encoders, optimizer, loader, lr_scheduler
         )
     else:
-        text_encoder = models.text_encoder
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(
             models.unet, optimizer, loader, lr_scheduler
         )
+    text_encoder, text_encoder_2 = (text_encoders + [None])[:2]
     models.unet, models.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    if text_encoder_2 is not None:
+        models.text_encoder_2 = accelerator.unwrap_model(text_encoder_2)
     state = TrainState(
         update_steps_per_epoch=schedule.update_steps_per_epoch,
         total_batch_size=schedule.total_batch_size,
@@ -311,6 +332,7 @@ def prepare(
         models=models,
         unet=unet,
         text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         prediction_type=prediction_type,
         params=params,
         optimizer=optimizer,
@@ -349,6 +371,7 @@ def current_settings(run: Run) -> dict[str, Any]:
         num_processes=run.accelerator.num_processes,
         mixed_precision=run.accelerator.mixed_precision,
         max_train_steps=run.schedule.max_train_steps,
+        arch=run.models.arch,
     )
 
 
@@ -448,7 +471,7 @@ def train_step(run: Run, batch: dict[str, Any]) -> bool:
     torch.manual_seed(
         derive_seed(cfg.seed, "step", run.state.global_step, run.micro_step, accelerator.process_index)
     )
-    trained = (run.unet, run.text_encoder) if cfg.train_text_encoder else (run.unet,)
+    trained = (run.unet, *run.text_encoders) if cfg.train_text_encoder else (run.unet,)
     with accelerator.accumulate(*trained):
         loss = batch_loss(run, batch)
         accelerator.backward(loss)
@@ -464,22 +487,24 @@ def train_step(run: Run, batch: dict[str, Any]) -> bool:
 
 def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     """The denoising loss (0-dim float32) of one micro-batch (`data.collate`'s dict) through the prepared
-    UNet and text encoder; latents, noise and timesteps come from the batch's per-sample seeds."""
+    UNet and text encoder(s) (`conditioning.unet_conditioning`; SDXL's time ids from each sample's original
+    size and crop); latents, noise and timesteps come from the batch's per-sample seeds."""
     models, cfg = run.models, run.cfg
     seeds = batch["sample_seeds"]
     latents = encode_latents(models.vae, batch["pixel_values"], seeds)
     noise, timesteps = sample_noise_and_timesteps(
         latents, seeds, models.noise_scheduler.config.num_train_timesteps, cfg.noise_offset
     )
-    input_ids = models.tokenizer(
-        batch["captions"],
-        padding="max_length",
-        max_length=models.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(run.accelerator.device)
     with torch.set_grad_enabled(cfg.train_text_encoder):
-        encoder_hidden_states = run.text_encoder(input_ids, return_dict=False)[0]
+        encoder_hidden_states, added_cond_kwargs = unet_conditioning(
+            models,
+            batch["captions"],
+            device=run.accelerator.device,
+            original_sizes=batch["original_sizes"],
+            crops_top_left=batch["crops_top_left"],
+            target_size=(cfg.resolution, cfg.resolution),
+            text_encoders=run.text_encoders,
+        )
     return denoising_loss(
         run.unet,
         models.noise_scheduler,
@@ -489,6 +514,7 @@ def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
         timesteps,
         prediction_type=run.prediction_type,
         snr_gamma=cfg.snr_gamma,
+        added_cond_kwargs=added_cond_kwargs,
     )
 
 
@@ -510,6 +536,8 @@ def end_step(run: Run) -> None:
     logs = {"train/loss": loss, "train/lr": lrs[0]}
     if run.cfg.train_text_encoder:
         logs["train/lr_text_encoder"] = lrs[1]
+        if len(lrs) > 2:
+            logs["train/lr_text_encoder_2"] = lrs[2]
     run.progress.update(1)
     run.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}")
     run.tracker.log(logs, step=state.global_step)
@@ -577,9 +605,9 @@ def divergence_message(run: Run, header: str, *, before_any_update: bool) -> str
             "does not run in this precision) or the data"
         )
     else:
-        rates = f"learning_rate = {float(cfg.learning_rate)!r}"
-        if cfg.train_text_encoder:
-            rates += f", text_encoder_lr = {float(cfg.text_encoder_lr or cfg.learning_rate)!r}"
+        names = ("learning_rate", "text_encoder_lr", "text_encoder_2_lr")
+        group_rates = group_learning_rates(cfg, len(run.models.text_encoders))
+        rates = ", ".join(f"{name} = {float(rate)!r}" for name, rate in zip(names, group_rates))
         scaling = format_number(cfg.effective_alpha / cfg.rank)
         clip = "; gradient clipping is off: set max_grad_norm = 1" if cfg.max_grad_norm == 0 else ""
         causes.append(
@@ -649,12 +677,13 @@ def write_kohya(run: Run, path: Path, epoch: int, finished_at: float | None = No
         finished_at=finished_at,
         resume_changes=run.changes,
     )
-    text_encoder = run.models.text_encoder if run.cfg.train_text_encoder else None
+    adapters = run.adapters
     return export_kohya(
         path,
         run.cfg,
         unet=run.models.unet,
-        text_encoder=text_encoder,
+        text_encoder=adapters.get("text_encoder"),
+        text_encoder_2=adapters.get("text_encoder_2"),
         prediction_type=run.prediction_type,
         training_info=info,
     )
@@ -662,14 +691,9 @@ def write_kohya(run: Run, path: Path, epoch: int, finished_at: float | None = No
 
 def eval_loss(run: Run) -> dict[str, float]:
     """Main process: the fixed-set denoising loss now, recorded in `run.result` and returned as tracker logs."""
-    models = run.models
     with run.accelerator.autocast():
         loss = fixed_denoising_loss(
-            models.unet,
-            models.text_encoder,
-            models.tokenizer,
-            models.vae,
-            models.noise_scheduler,
+            run.models,
             run.summary.records,
             resolution=run.cfg.resolution,
             prediction_type=run.prediction_type,
@@ -717,11 +741,13 @@ def write_final_outputs(run: Run) -> None:
         run, run.output_dir / f"{cfg.name}.safetensors", run.epoch + 1, finished_at=time.time()
     )
     if cfg.save_peft_format:
+        adapters = run.adapters
         result.peft_dir = export_peft(
             run.output_dir / f"{cfg.name}_peft",
             cfg,
             unet=run.models.unet,
-            text_encoder=run.models.text_encoder if cfg.train_text_encoder else None,
+            text_encoder=adapters.get("text_encoder"),
+            text_encoder_2=adapters.get("text_encoder_2"),
         )
     validate(run, result.kohya_file)
 

@@ -13,23 +13,28 @@ Everything here reads a `TrainConfig`; the loop (`loop.py`) calls these steps in
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import huggingface_hub
 import torch
+import torch.utils.checkpoint
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..config import AdapterConfig, config_class
 from ..errors import ConfigError
 from ..meta_models import meta_models
 from ..model import inject_adapter
+from ..single_file import CheckpointInfo, inspect_checkpoint, is_single_file, load_components
 from ..targeting import text_encoder_preset, unet_preset
 from ..utils import torch_dtype
 from .config import TrainConfig
@@ -45,6 +50,9 @@ HUB_PROBE_TIMEOUT_S = 5.0  # one request to the hub endpoint before a download (
 HUB_PROBE_TTL_S = 60.0  # how long a probe's answer is reused (a run loads six components in a row)
 DEMO_MODEL_PATH = "outputs/tiny-sd"  # the tiny random-weight model of sample_configs/quickstart.toml
 _probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time.monotonic(), None or why unreachable)
+_inspected: dict[
+    tuple, CheckpointInfo
+] = {}  # (file, size, mtime, overrides) -> what inspect_checkpoint found
 
 
 def base_model_options() -> str:
@@ -125,22 +133,27 @@ def _close_folder(path: str) -> str:
     return f"; did you mean {str(parent / close[0])!r}?" if close else ""
 
 
-def resolve_base_model(path: str, revision: str | None = None) -> str:
+def resolve_base_model(
+    path: str,
+    revision: str | None = None,
+    *,
+    key: str = "pretrained_model_name_or_path",
+    options: str | None = None,
+) -> str:
     """Where to load the base model `path` from without waiting on the network: `path` itself when it is a
     local folder or a hub id the hub can be reached for, else the model's folder in the local Hugging Face
-    cache (with `HF_HUB_OFFLINE` set, or when `hub_unreachable`).
+    cache (with `HF_HUB_OFFLINE` set, or when `hub_unreachable`). `key` names the setting in messages (e.g.
+    `pretrained_vae_model_name_or_path`) and `options` what it can be (default: `base_model_options`).
 
     Raises:
         ConfigError: `path` is a local path that does not exist, or a hub id that is not in the local cache
-            while offline or the hub cannot be reached; the message lists `base_model_options`.
+            while offline or the hub cannot be reached; the message lists `options`.
     """
+    options = base_model_options() if options is None else options
     if os.path.exists(os.path.expanduser(path)):
         return os.path.expanduser(path)
     if _looks_local(path):
-        raise ConfigError(
-            f"pretrained_model_name_or_path = {path!r} does not exist{_close_folder(path)}.\n"
-            f"{base_model_options()}"
-        )
+        raise ConfigError(f"{key} = {path!r} does not exist{_close_folder(path)}.\n{options}")
     if hub_offline():
         why = "HF_HUB_OFFLINE is set"
     else:
@@ -153,8 +166,8 @@ def resolve_base_model(path: str, revision: str | None = None) -> str:
     except OSError:  # LocalEntryNotFoundError: not in the cache
         rev = f" at revision {revision!r}" if revision else ""
         raise ConfigError(
-            f"cannot load the base model {path!r}{rev}: {why}, and it is not in the local Hugging Face cache "
-            f"({hf_constants.HF_HUB_CACHE}); no folder {path!r} exists here either.\n{base_model_options()}"
+            f"cannot load {'the base model' if key == 'pretrained_model_name_or_path' else key} {path!r}{rev}: {why}, and it is not in the local Hugging Face cache "
+            f"({hf_constants.HF_HUB_CACHE}); no folder {path!r} exists here either.\n{options}"
         ) from None
 
 
@@ -180,6 +193,8 @@ def load_with_hint(cfg: TrainConfig, loader: Callable[..., T]) -> T:
 
 
 ARCHS = ("sd1", "sd2", "sdxl")  # base-model architectures the trainer knows (kohya: SD1.x, `--v2`, sdxl_*)
+# The size each was trained at (SD2.x: its 768-v models; `resolve_arch_defaults` picks 512 for SD2 epsilon).
+DEFAULT_RESOLUTIONS = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 
 @dataclass
@@ -210,85 +225,268 @@ class Models:
         return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
 
 
-def load_tokenizer(cfg: TrainConfig) -> Any:
-    """The base model's `CLIPTokenizer` alone (`tokenizer/` of `cfg.pretrained_model_name_or_path`): small
-    files, no weights, so the data scan can count caption tokens before any model is loaded.
+def single_file_info(cfg: TrainConfig) -> CheckpointInfo | None:
+    """What `single_file.inspect_checkpoint` finds in the base model when `pretrained_model_name_or_path` is
+    one `.safetensors`/`.ckpt` file (architecture, prediction type, the config folder to use), with
+    `model_arch`, `prediction_type` and `model_config` as overrides; None for a folder or hub id. Inspected
+    once per file, settings and file version (a `.ckpt` is read whole to inspect it).
 
     Raises:
-        ConfigError: the tokenizer cannot be loaded (see `models.load_with_hint`), or what loads is empty
-            (transformers builds one from a missing `tokenizer/` folder).
+        ConfigError: the file is not a checkpoint of a known architecture, or `model_config` does not fit it
+            (from `inspect_checkpoint`: the message names the file and the fix).
     """
-    from transformers import CLIPTokenizer
+    path = os.path.expanduser(cfg.pretrained_model_name_or_path)
+    if not is_single_file(path):
+        return None
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, cfg.model_arch, cfg.prediction_type)
+    key += (cfg.model_config,)
+    if key not in _inspected:
+        _inspected[key] = inspect_checkpoint(
+            path, arch=cfg.model_arch, prediction_type=cfg.prediction_type, config_dir=cfg.model_config
+        )
+    return _inspected[key]
 
+
+def arch_of_unet_config(config: Mapping[str, Any], where: str) -> str:
+    """The architecture (`ARCHS`) of a diffusers UNet config: SDXL's UNet has the "text_time" added embedding
+    (the pooled text embedding and the size/crop time ids), SD2.x's cross-attends to 1024 features (OpenCLIP
+    ViT-H), SD1.x's to 768 (CLIP ViT-L). (The SDXL refiner has no first text encoder: loading it fails there.)
+
+    Raises:
+        ConfigError: a UNet with other added embeddings (not a model the trainer knows), naming `where`.
+    """
+    added = config.get("addition_embed_type")
+    if added == "text_time":
+        return "sdxl"
+    if added is not None:
+        raise ConfigError(
+            f"{where} has a UNet with {added!r} added embeddings; this trainer trains SD1.x, SD2.x and SDXL "
+            "base models"
+        )
+    return "sd2" if config.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def base_model_arch(cfg: TrainConfig) -> str:
+    """The base model's architecture (`ARCHS`), read cheaply: a single file's tensor names
+    (`single_file_info`, where `model_arch` overrides the detection), or the UNet config of a folder or hub
+    id (where `model_arch`, if set, must agree with it).
+
+    Raises:
+        ConfigError: the model cannot be read (see `load_with_hint`, `single_file_info`), is not a UNet the
+            trainer knows (`arch_of_unet_config`), or `model_arch` contradicts the folder's UNet config.
+    """
+    info = single_file_info(cfg)
+    if info is not None:
+        return info.arch
     path = cfg.pretrained_model_name_or_path
-    tokenizer = load_with_hint(
-        cfg, lambda source, **kw: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+    config = load_with_hint(
+        cfg, lambda src, **kw: UNet2DConditionModel.load_config(src, subfolder="unet", **kw)
     )
+    arch = arch_of_unet_config(config, path)
+    if cfg.model_arch is not None and cfg.model_arch != arch:
+        raise ConfigError(
+            f"model_arch = {cfg.model_arch!r}, but {path} is a diffusers {arch} model (its unet/config.json); "
+            "model_arch only chooses for single-file checkpoints: drop it (or --v2)"
+        )
+    return arch
+
+
+def base_prediction_type(cfg: TrainConfig) -> str | None:
+    """The prediction type the run will train (`prediction_type`, else the single file's detected one or the
+    scheduler config's), without loading weights; None when only the weights can tell (a single SD2.x file
+    whose header does not say).
+
+    Raises:
+        ConfigError: the scheduler config cannot be read (see `load_with_hint`).
+    """
+    if cfg.prediction_type is not None:
+        return cfg.prediction_type
+    info = single_file_info(cfg)
+    if info is not None:
+        return info.prediction_type
+    config = load_with_hint(
+        cfg, lambda src, **kw: DDPMScheduler.load_config(src, subfolder="scheduler", **kw)
+    )
+    return config.get("prediction_type", "epsilon")
+
+
+def resolve_arch_defaults(cfg: TrainConfig, arch: str) -> None:
+    """Fill in (in place) the settings whose default depends on the architecture: `resolution` when unset, the
+    size the base model was trained at: 512 for SD1.x, 1024 for SDXL, for SD2.x 768 (the 768-v models) or
+    512 (the epsilon "base" models), as kohya's and diffusers' SD2 guides do. A single SD2.x file whose
+    prediction type only its weights can tell gets 768 (SD2.1's main release).
+
+    Raises:
+        ConfigError: `arch` is not one of `ARCHS`, or the scheduler config cannot be read (SD2.x).
+    """
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown base-model architecture {arch!r}; use one of {', '.join(ARCHS)}")
+    if cfg.resolution is None:
+        if arch == "sd2":
+            cfg.resolution = 512 if base_prediction_type(cfg) == "epsilon" else 768
+        else:
+            cfg.resolution = DEFAULT_RESOLUTIONS[arch]
+
+
+def _checked_tokenizer(tokenizer: Any, path: str, folder: str) -> Any:
     # transformers 5 builds an empty tokenizer (2 tokens, no length limit) from a missing folder.
     if len(tokenizer) <= 2 or tokenizer.model_max_length > MAX_SANE_TOKENS:
         raise ConfigError(
-            f"{path} has no usable tokenizer (tokenizer/ is missing or incomplete: {len(tokenizer)} tokens, "
-            f"limit {tokenizer.model_max_length}); a diffusers folder has tokenizer/vocab.json and merges.txt"
+            f"{path} has no usable tokenizer ({folder}/ is missing or incomplete: {len(tokenizer)} tokens, "
+            f"limit {tokenizer.model_max_length}); a diffusers folder has {folder}/vocab.json and merges.txt"
         )
     return tokenizer
 
 
-def load_models(cfg: TrainConfig, tokenizer: Any | None = None) -> Models:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler from a diffusers folder or hub id.
-
-    `tokenizer`: one `load_tokenizer(cfg)` already gave (the run loads it first for the data scan); None
-    loads it here.
-
-    Weights come in the dtype they are stored in (`cfg.variant` picks e.g. the fp16 files), on the CPU.
+def load_tokenizer(cfg: TrainConfig) -> Any:
+    """The base model's first `CLIPTokenizer` alone (`tokenizer/` of a folder or hub id, or of a single file's
+    config folder): small files, no weights, so the data scan can count caption tokens before any model is
+    loaded. SDXL's second tokenizer has the same vocabulary and limit, so the first counts for both.
 
     Raises:
-        ConfigError: the model cannot be loaded (see `load_with_hint`), or it is an SDXL-type model (its UNet
-            has added embeddings), which this trainer does not train.
+        ConfigError: the tokenizer cannot be loaded (see `models.load_with_hint`, `single_file_info`), or
+            what loads is empty (transformers builds one from a missing `tokenizer/` folder).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    return load_tokenizers(cfg, count=1)[0]
 
+
+def load_tokenizers(cfg: TrainConfig, count: int | None = None) -> list[Any]:
+    """The base model's `CLIPTokenizer`s, first then second (SDXL): `count` of them, or as many as the
+    architecture has (`base_model_arch`) when None.
+
+    Raises:
+        ConfigError: as `load_tokenizer`.
+    """
     path = cfg.pretrained_model_name_or_path
-    weights = {"variant": cfg.variant}
-    models = Models(
-        tokenizer=tokenizer if tokenizer is not None else load_tokenizer(cfg),
-        text_encoder=load_with_hint(
-            cfg,
-            lambda src, **kw: CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **weights, **kw),
-        ),
-        vae=load_with_hint(
-            cfg, lambda src, **kw: AutoencoderKL.from_pretrained(src, subfolder="vae", **weights, **kw)
-        ),
-        unet=load_with_hint(
-            cfg,
-            lambda src, **kw: UNet2DConditionModel.from_pretrained(src, subfolder="unet", **weights, **kw),
-        ),
-        noise_scheduler=load_with_hint(
-            cfg, lambda src, **kw: DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-        ),
+    if count is None:
+        count = 2 if base_model_arch(cfg) == "sdxl" else 1
+    folders = ("tokenizer", "tokenizer_2")[:count]
+    info = single_file_info(cfg)
+    if info is not None:
+        parts = load_components(info, folders)
+        return [_checked_tokenizer(parts[name], str(info.config_dir), name) for name in folders]
+    return [_checked_tokenizer(_load_folder_tokenizer(cfg, name), path, name) for name in folders]
+
+
+def _load_folder_tokenizer(cfg: TrainConfig, folder: str) -> Any:
+    return load_with_hint(cfg, lambda src, **kw: CLIPTokenizer.from_pretrained(src, subfolder=folder, **kw))
+
+
+def load_models(cfg: TrainConfig, tokenizers: Sequence[Any] | None = None) -> Models:
+    """Load the tokenizer(s), text encoder(s), VAE, UNet and a DDPM noise scheduler of the base model: a
+    diffusers folder or hub id (SD1.x/SD2.x: `CLIPTextModel`; SDXL adds `tokenizer_2` and the
+    `CLIPTextModelWithProjection` `text_encoder_2`), or a single file through `single_file.load_components`
+    (offline, configs from `model_config` or the shipped ones). `pretrained_vae_model_name_or_path` replaces
+    the VAE (`load_vae`).
+
+    `tokenizers`: what `load_tokenizers(cfg)` already gave (the run loads them first for the data scan); None
+    loads them here. Weights come in the dtype they are stored in (`cfg.variant` picks e.g. the fp16 files of
+    a folder), on the CPU.
+
+    Raises:
+        ConfigError: the model or VAE cannot be loaded (see `load_with_hint`, `single_file_info`, `load_vae`),
+            or its UNet is not one the trainer knows (`arch_of_unet_config`).
+    """
+    arch = base_model_arch(cfg)
+    names = ["text_encoder", "vae", "unet", "scheduler"] + (["text_encoder_2"] if arch == "sdxl" else [])
+    tokenizers = list(tokenizers) if tokenizers is not None else load_tokenizers(cfg)
+    info = single_file_info(cfg)
+    if info is not None:
+        parts = load_components(info, names)
+    else:
+        parts = {name: _load_folder_component(cfg, name) for name in names}
+    if cfg.pretrained_vae_model_name_or_path:
+        parts["vae"] = load_vae(cfg)
+    arch_of_unet_config(parts["unet"].config, cfg.pretrained_model_name_or_path)
+    return Models(
+        tokenizer=tokenizers[0],
+        text_encoder=parts["text_encoder"],
+        vae=parts["vae"],
+        unet=parts["unet"],
+        noise_scheduler=parts["scheduler"],
+        tokenizer_2=tokenizers[1] if arch == "sdxl" else None,
+        text_encoder_2=parts.get("text_encoder_2"),
+        arch=arch,
     )
-    if models.unet.config.get("addition_embed_type") is not None:
-        raise ConfigError(
-            f"{path} is an SDXL-type model (its UNet has {models.unet.config.addition_embed_type!r} embeddings); "
-            "this trainer handles SD1.x/SD2.x. Adapters for SDXL can be loaded and exported, not trained here."
+
+
+_FOLDER_CLASSES = {
+    "text_encoder": CLIPTextModel,
+    "text_encoder_2": CLIPTextModelWithProjection,
+    "vae": AutoencoderKL,
+    "unet": UNet2DConditionModel,
+}
+
+
+def _load_folder_component(cfg: TrainConfig, name: str) -> Any:
+    """One component of a diffusers folder or hub id, with `load_with_hint`'s errors."""
+    if name == "scheduler":
+        return load_with_hint(
+            cfg, lambda src, **kw: DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
         )
-    return models
+    cls = _FOLDER_CLASSES[name]
+    return load_with_hint(
+        cfg, lambda src, **kw: cls.from_pretrained(src, subfolder=name, variant=cfg.variant, **kw)
+    )
 
 
-def load_meta_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module | None]:
-    """The base UNet, and the text encoder when `train_text_encoder` is set, on the `meta` device (from the
-    model's configs only: no weights read, no memory used), for the dry run.
+def load_vae(cfg: TrainConfig) -> nn.Module:
+    """The separate VAE of `pretrained_vae_model_name_or_path` (kohya's `--vae`, diffusers'
+    `--pretrained_vae_model_name_or_path`): a diffusers `AutoencoderKL` folder (`config.json` at its top, or
+    a pipeline folder's `vae/`) or hub id, e.g. `madebyollin/sdxl-vae-fp16-fix`, an SDXL VAE that does not
+    overflow in fp16.
+
+    Raises:
+        ConfigError: the path is a single file (give a diffusers VAE folder), does not exist, is a hub id that
+            cannot be reached or is not cached offline, or holds no VAE.
+    """
+    key, path = "pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path
+    fix = (
+        "give a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors) or a hub id such as "
+        "'madebyollin/sdxl-vae-fp16-fix'"
+    )
+    if os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"{key} = {path!r} is a file; {fix}")
+    source = resolve_base_model(path, key=key, options=fix)
+    local = Path(source)
+    subfolder = "vae" if local.is_dir() and not (local / "config.json").is_file() else None
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
+    except OSError as exc:
+        raise ConfigError(f"cannot load the VAE {key} = {path!r}: {exc}\n{fix}") from None
+
+
+def vae_in_float32(cfg: TrainConfig, arch: str) -> bool:
+    """Whether the frozen VAE stays in float32 under mixed precision: `no_half_vae` when set, else for SDXL
+    unless a separate VAE is given (the SDXL VAE overflows to NaN in fp16, which is why kohya's
+    `--no_half_vae` and diffusers' SDXL script keep it in float32; a separate VAE is usually the fp16-fixed
+    one, used in the weight dtype)."""
+    if cfg.no_half_vae is not None:
+        return cfg.no_half_vae
+    return arch == "sdxl" and not cfg.pretrained_vae_model_name_or_path
+
+
+def load_meta_models(cfg: TrainConfig) -> tuple[nn.Module, list[nn.Module]]:
+    """The base UNet, and the text encoders `train_text_encoder` trains (`[]` when off, `[te]` SD1.x/SD2.x,
+    `[te1, te2]` SDXL), on the `meta` device (from the model's configs only: no weights read, no memory
+    used), for the dry run. A single file's configs come from its config folder (`single_file_info`).
 
     Raises:
         ConfigError: as `load_with_hint` (the folder has no `model_index.json` or component config, the hub
-            id cannot be reached), or `train_text_encoder` is set and the model has no `text_encoder`.
+            id cannot be reached) or `single_file_info`, or `train_text_encoder` is set and the model has no
+            `text_encoder`.
     """
-    components = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
+    components = ("unet", "text_encoder", "text_encoder_2") if cfg.train_text_encoder else ("unet",)
     path = cfg.pretrained_model_name_or_path
-    models = load_with_hint(cfg, lambda src, **kw: meta_models(src, components=components, **kw))
+    info = single_file_info(cfg)
+    if info is not None:
+        models = meta_models(info.config_dir, components=components)
+    else:
+        models = load_with_hint(cfg, lambda src, **kw: meta_models(src, components=components, **kw))
     if cfg.train_text_encoder and "text_encoder" not in models:
         raise ConfigError(f"train_text_encoder is set but {path} has no text_encoder.")
-    return models["unet"], models.get("text_encoder")
+    return models["unet"], [models[name] for name in ("text_encoder", "text_encoder_2") if name in models]
 
 
 def unet_adapter_config(cfg: TrainConfig) -> AdapterConfig:
@@ -350,20 +548,54 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return torch_dtype(mixed_precision) if mixed_precision in ("fp16", "bf16") else torch.float32
 
 
-def freeze_base_models(models: Models, device: torch.device, dtype: torch.dtype) -> None:
-    """Freeze the VAE, text encoder and UNet and move them to `device` (and to `dtype` unless float32)."""
-    for model in (models.vae, models.text_encoder, models.unet):
+def freeze_base_models(
+    models: Models, device: torch.device, dtype: torch.dtype, *, vae_float32: bool = False
+) -> None:
+    """Freeze the VAE, text encoder(s) and UNet and move them to `device` (and to `dtype` unless float32);
+    with `vae_float32` (`vae_in_float32`) the VAE stays in float32."""
+    for model in (models.vae, *models.text_encoders, models.unet):
         model.requires_grad_(False)
         model.to(device)
-        if dtype != torch.float32:
+        if dtype != torch.float32 and not (vae_float32 and model is models.vae):
             model.to(dtype=dtype)
+    if vae_float32:
+        models.vae.to(dtype=torch.float32)
+
+
+def _non_reentrant_checkpoint(module: nn.Module, *args: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def enable_gradient_checkpointing(models: Models, text_encoders: bool) -> None:
+    """Gradient checkpointing in the UNet and, with `text_encoders`, in every text encoder, all
+    non-reentrant (`use_reentrant=False`): reentrant checkpointing gives no gradient to trainable weights
+    inside a segment whose inputs need none (the text encoders' embeddings are frozen), so a text-encoder
+    adapter would silently not train. diffusers' UNets are non-reentrant in every supported version (the
+    function is passed where `enable_gradient_checkpointing` takes one, diffusers 0.32 on); transformers
+    takes the checkpoint kwargs (its default was reentrant before 5.x)."""
+    unet = models.unet
+    if "gradient_checkpointing_func" in inspect.signature(unet.enable_gradient_checkpointing).parameters:
+        unet.enable_gradient_checkpointing(_non_reentrant_checkpoint)
+    else:
+        unet.enable_gradient_checkpointing()
+    if text_encoders:
+        for text_encoder in models.text_encoders:
+            # transformers 5.x renamed it (the old name warns); 4.x has only the old one.
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                text_encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
 
 
 def add_adapters(
     models: Models, cfg: TrainConfig, unet_config: AdapterConfig, te_config: AdapterConfig | None
 ) -> None:
-    """Inject the adapters (`te_config` None: the text encoder stays frozen), then switch on gradient
-    checkpointing and xformers as `cfg` says, and set train/eval modes (VAE always eval).
+    """Inject the adapters (`te_config` None: the text encoders stay frozen; else into each text encoder,
+    SDXL's two alike, as kohya's `te1`/`te2`), then switch on gradient checkpointing
+    (`enable_gradient_checkpointing`) and xformers as `cfg` says, and set train/eval modes (VAE always eval).
 
     Adapters are created in float32 on each base layer's device (mixed precision keeps trainable weights
     fp32); their initialisation draws from the global torch RNG (seed it first).
@@ -373,15 +605,15 @@ def add_adapters(
     """
     inject_adapter(models.unet, unet_config, ADAPTER_NAME)
     if te_config is not None:
-        inject_adapter(models.text_encoder, te_config, ADAPTER_NAME)
+        for text_encoder in models.text_encoders:
+            inject_adapter(text_encoder, te_config, ADAPTER_NAME)
     if cfg.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        if te_config is not None:
-            models.text_encoder.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(models, te_config is not None)
     if cfg.enable_xformers_memory_efficient_attention:
         enable_xformers(models.unet)
     models.unet.train()
-    models.text_encoder.train(te_config is not None)
+    for text_encoder in models.text_encoders:
+        text_encoder.train(te_config is not None)
     models.vae.eval()
 
 
@@ -407,21 +639,30 @@ def enable_xformers(unet: nn.Module) -> None:
         ) from None
 
 
-def group_learning_rates(cfg: TrainConfig) -> list[float]:
+def group_learning_rates(cfg: TrainConfig, num_text_encoders: int = 1) -> list[float]:
     """The base learning rate of each optimizer parameter group: `learning_rate` (UNet adapter), then with
-    `train_text_encoder` `text_encoder_lr` (default `learning_rate`)."""
-    if cfg.train_text_encoder:
-        return [cfg.learning_rate, cfg.text_encoder_lr or cfg.learning_rate]
-    return [cfg.learning_rate]
+    `train_text_encoder` `text_encoder_lr` (default `learning_rate`) and, for SDXL's second text encoder
+    (`num_text_encoders` 2), `text_encoder_2_lr` (default `text_encoder_lr`), as kohya's
+    `--text_encoder_lr` takes one rate per SDXL text encoder."""
+    if not cfg.train_text_encoder:
+        return [cfg.learning_rate]
+    te_lr = cfg.text_encoder_lr or cfg.learning_rate
+    return [cfg.learning_rate, te_lr] + [cfg.text_encoder_2_lr or te_lr] * (num_text_encoders == 2)
+
+
+def trained_models(cfg: TrainConfig, models: Models) -> list[nn.Module]:
+    """The models with a trained adapter, in optimizer-group order: the UNet, then with
+    `train_text_encoder` the text encoder(s)."""
+    return [models.unet, *models.text_encoders] if cfg.train_text_encoder else [models.unet]
 
 
 def trainable_param_groups(cfg: TrainConfig, models: Models) -> list[dict]:
-    """Optimizer parameter groups: the UNet adapter, then (with `train_text_encoder`) the text-encoder adapter,
-    at `group_learning_rates(cfg)`. Each is `{"params": [...], "lr": float}`."""
-    trained = [models.unet, models.text_encoder] if cfg.train_text_encoder else [models.unet]
+    """Optimizer parameter groups: the UNet adapter, then (with `train_text_encoder`) the text-encoder
+    adapter(s), at `group_learning_rates`. Each is `{"params": [...], "lr": float}`."""
+    rates = group_learning_rates(cfg, len(models.text_encoders))
     return [
         {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}
-        for model, lr in zip(trained, group_learning_rates(cfg))
+        for model, lr in zip(trained_models(cfg, models), rates)
     ]
 
 
@@ -472,8 +713,9 @@ def make_lr_scheduler(
 
 def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The hyperparameters an optimizer holds, under the config's names: `learning_rate` (the UNet group's
-    base rate, before the LR schedule), `text_encoder_lr` (when there is a second group), `adam_beta1`,
-    `adam_beta2`, `adam_epsilon`, `adam_weight_decay`. After a resume these are the checkpoint's values."""
+    base rate, before the LR schedule), `text_encoder_lr` (when there is a second group), `text_encoder_2_lr`
+    (a third: SDXL), `adam_beta1`, `adam_beta2`, `adam_epsilon`, `adam_weight_decay`. After a resume these
+    are the checkpoint's values."""
     groups = optimizer.param_groups
     first = groups[0]
     settings = {
@@ -483,8 +725,9 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         "adam_epsilon": first["eps"],
         "adam_weight_decay": first["weight_decay"],
     }
-    if len(groups) > 1:
-        settings["text_encoder_lr"] = groups[1].get("initial_lr", groups[1]["lr"])
+    for index, key in ((1, "text_encoder_lr"), (2, "text_encoder_2_lr")):
+        if len(groups) > index:
+            settings[key] = groups[index].get("initial_lr", groups[index]["lr"])
     return settings
 
 
@@ -500,7 +743,7 @@ def apply_optimizer_settings(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     `lr_scheduler` is a diffusers `LambdaLR`, possibly wrapped by accelerate (`.scheduler`).
     """
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    base_lrs = group_learning_rates(cfg)
+    base_lrs = group_learning_rates(cfg, len(optimizer.param_groups) - 1)
     lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
     for group, base, lr in zip(optimizer.param_groups, base_lrs, lrs):
         group.update(

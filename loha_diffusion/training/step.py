@@ -168,14 +168,23 @@ def denoising_loss(
     *,
     prediction_type: str,
     snr_gamma: float | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The training loss for given latents, text states, noise and timesteps (one forward of `unet`).
 
     `latents`/`noise` `(B, 4, h, w)`, `encoder_hidden_states` `(B, 77, cross_attention_dim)`, `timesteps`
-    int64 `(B,)`, all on the UNet's device; returns the (min-SNR weighted) MSE as a 0-dim float32 tensor.
+    int64 `(B,)`, all on the UNet's device; `added_cond_kwargs` SDXL's `{"text_embeds", "time_ids"}`
+    (`conditioning.unet_conditioning`), None for SD1.x/SD2.x. Returns the (min-SNR weighted) MSE as a 0-dim
+    float32 tensor.
     """
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states,
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )[0]
     target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
     weights = snr_loss_weights(scheduler, timesteps, snr_gamma, prediction_type)
     return diffusion_loss(model_pred, target, weights)
