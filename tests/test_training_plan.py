@@ -1,4 +1,5 @@
-"""Adapter configs from TrainConfig and the dry-run plan, on the full-size SD1.5 UNet/text-encoder configs."""
+"""Adapter configs from TrainConfig and the dry-run plan, on the full-size SD1.5 and SDXL UNet/text-encoder configs
+(and a tiny SDXL model, whose written file the plan must match)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
+from diffusers import DiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 from torch import nn
 
 from loha_diffusion import tiny
 from loha_diffusion.errors import ConfigError
+from loha_diffusion.model import inject_adapter
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.data import compute_schedule
-from loha_diffusion.training.models import unet_adapter_config
+from loha_diffusion.training.export import export_kohya
+from loha_diffusion.training.models import text_encoder_adapter_config, unet_adapter_config
 from loha_diffusion.training.plan import build_plan, format_plan, setting_warnings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,3 +144,71 @@ def test_schedule_and_warnings():
     assert s.total_batch_size == 12
     text = "\n".join(setting_warnings(cfg))
     assert "LoHa rank 48" in text and "alpha = 200" in text and "constant_with_warmup" in text
+
+
+@pytest.fixture(scope="module")
+def sdxl_config_dir(tmp_path_factory) -> Path:
+    """A folder with only the configs of SDXL base's pipeline, UNet and both text encoders."""
+    root = tmp_path_factory.mktemp("sdxl_configs")
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index))
+    tiny.build_unet_from_config(tiny.full_size_unet_config("sdxl")).save_config(root / "unet")
+    tiny.full_size_text_encoder_config("sdxl", 1).save_pretrained(root / "text_encoder")
+    tiny.full_size_text_encoder_config("sdxl", 2).save_pretrained(root / "text_encoder_2")
+    return root
+
+
+def test_sdxl_plan_lists_both_text_encoders(sdxl_config_dir, data_dir):
+    cfg = load_config(
+        ["--pretrained_model_name_or_path", str(sdxl_config_dir), "--train_data_dir", str(data_dir)]
+        + ["--max_train_steps", "100", "--algo", "lora", "--rank", "16", "--train_text_encoder"]
+    )
+    plan = build_plan(cfg, num_samples=10)
+    parts = {p.name: p for p in plan.parts}
+    assert plan.arch == "sdxl" and cfg.resolution == 1024  # the architecture's default, filled in
+    # CLIP ViT-L (12 layers, 768 wide) and OpenCLIP bigG (32 layers, 1280 wide): q, k, v, out, fc1, fc2 each.
+    assert parts["te1"].modules == 12 * 6 and parts["te2"].modules == 32 * 6
+    assert parts["te1"].parameters == 16 * 12 * (4 * 2 * 768 + 2 * (768 + 3072))
+    assert parts["te2"].parameters == 16 * 32 * (4 * 2 * 1280 + 2 * (1280 + 5120))
+    assert "text_encoder" not in parts
+    unet_params = sum(p.parameters for p in plan.parts if p.name.startswith("unet."))
+    assert plan.trainable_parameters == unet_params + parts["te1"].parameters + parts["te2"].parameters
+    text = format_plan(cfg, plan)
+    assert f"on {sdxl_config_dir} (SDXL, 1024 px)" in text.splitlines()[0]
+    assert "\n  te1 " in text and "\n  te2 " in text
+
+
+def test_tiny_sdxl_plan_matches_the_written_file(tiny_sdxl_pipeline_dir, data_dir, tmp_path):
+    """The plan's tensor bytes are exactly those of the Kohya file the run writes (te1 and te2 included)."""
+    cfg = load_config(
+        ["--pretrained_model_name_or_path", str(tiny_sdxl_pipeline_dir), "--train_data_dir", str(data_dir)]
+        + ["--max_train_steps", "1", "--resolution", "64", "--train_text_encoder", "--preset", "full"]
+        + ["--conv_dim", "2", "--use_effective_conv2d", "--output_dir", str(tmp_path)]
+    )
+    plan = build_plan(cfg, num_samples=10)
+    assert {"te1", "te2"} <= {p.name for p in plan.parts} and plan.arch == "sdxl"
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_pipeline_dir)
+    inject_adapter(pipe.unet, unet_adapter_config(cfg))
+    for te in (pipe.text_encoder, pipe.text_encoder_2):
+        inject_adapter(te, text_encoder_adapter_config(cfg))
+    path = export_kohya(
+        tmp_path / "tiny.safetensors",
+        cfg,
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+        prediction_type="epsilon",
+        training_info={},
+    )
+    with safe_open(path, "pt") as f:
+        tensors = [f.get_tensor(k) for k in f.keys()]
+    assert plan.tensor_bytes == sum(t.numel() * t.element_size() for t in tensors)
+    assert plan.trainable_parameters == sum(t.numel() for t in tensors) - len(
+        [t for t in tensors if t.dim() == 0]
+    )
+    assert 0.8 < plan.file_bytes / path.stat().st_size < 1.25

@@ -17,10 +17,12 @@ from typing import Any
 
 from torch import nn
 
+from ..formats import naming
 from ..formats.convert import peft_output_folder
 from ..formats.kohya import save_kohya
 from ..formats.kohya.metadata import public_name
 from ..formats.peft import save_peft
+from ..single_file import checkpoint_hashes, is_single_file
 from ..utils import torch_dtype
 from .config import TrainConfig
 from .data import DatasetSummary, ImageRecord, Schedule
@@ -32,10 +34,29 @@ RESUME_CHANGES_KEY = "loha_diffusion.resume_changes"  # file metadata: the setti
 
 
 def base_model_version(unet: nn.Module, prediction_type: str) -> str | None:
-    """Kohya's `ss_base_model_version` for SD2 (cross-attention 1024); None lets the exporter detect SD1/SDXL."""
+    """Kohya's `ss_base_model_version` of the trained base: "sdxl_base_v1-0" for an SDXL UNet (its "text_time"
+    added embeddings; sd-scripts' `sdxl_train_network.py` writes this for SDXL whatever the prediction type),
+    "sd_v2" / "sd_v2_v" for SD2 (cross-attention 1024; `_v` for v-prediction, as kohya's `--v_parameterization`),
+    None for SD1 (the exporter detects "sd_v1" from the UNet's shape).
+
+    The value also sets `modelspec.architecture` and `ss_v2`, which A1111 and ComfyUI use to sort and filter."""
+    if unet.config.get("addition_embed_type") == "text_time":
+        return naming.BASE_MODEL_VERSIONS["sdxl"]
     if unet.config.get("cross_attention_dim") == 1024:
         return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
     return None
+
+
+def text_encoder_lrs(cfg: TrainConfig, arch: str | None) -> float | list[float] | None:
+    """Kohya's `ss_text_encoder_lr`: None when no text encoder is trained; else the text-encoder learning rate
+    (`text_encoder_lr`, default `learning_rate`), or for SDXL with a different `text_encoder_2_lr` the list
+    `[te1 lr, te2 lr]`, as sd-scripts writes its per-encoder `--text_encoder_lr te1 te2` (train_network.py
+    passes the list through to the metadata). One value when both encoders share it, as older readers expect."""
+    if not cfg.train_text_encoder:
+        return None
+    te1 = cfg.text_encoder_lr or cfg.learning_rate
+    te2 = cfg.text_encoder_2_lr or te1
+    return [te1, te2] if arch == "sdxl" and te2 != te1 else te1
 
 
 def dataset_facts(records: Iterable[ImageRecord]) -> dict[str, Any]:
@@ -52,6 +73,25 @@ def dataset_facts(records: Iterable[ImageRecord]) -> dict[str, Any]:
     return {"dataset_dirs": dirs, "tag_frequency": {k: dict(v) for k, v in tags.items()}}
 
 
+def base_model_facts(cfg: TrainConfig) -> dict[str, str]:
+    """The base model as the file names it, never by local path (a published adapter must not carry its
+    author's folders): `sd_model_name` (`ss_sd_model_name`) the hub id or the folder's / file's name
+    (`formats.kohya.metadata.public_name`); for a single-file base also kohya's `ss_sd_model_hash` (A1111's
+    legacy 8-hex hash) and `ss_new_sd_model_hash` (sha256), as sd-scripts' `train_network.py` writes them
+    (`single_file.checkpoint_hashes`, hashed once per file and run); `ss_vae_name` for a separate VAE.
+
+    Raises:
+        OSError: the single-file base model cannot be read."""
+    facts = {"sd_model_name": public_name(cfg.pretrained_model_name_or_path)}
+    if is_single_file(cfg.pretrained_model_name_or_path):
+        hashes = checkpoint_hashes(cfg.pretrained_model_name_or_path)
+        facts["ss_sd_model_hash"] = hashes["sd_model_hash"]
+        facts["ss_new_sd_model_hash"] = hashes["new_sd_model_hash"]
+    if cfg.pretrained_vae_model_name_or_path:
+        facts["ss_vae_name"] = public_name(cfg.pretrained_vae_model_name_or_path)
+    return facts
+
+
 def training_metadata(
     cfg: TrainConfig,
     schedule: Schedule,
@@ -64,6 +104,7 @@ def training_metadata(
     epoch: int,
     finished_at: float | None = None,
     resume_changes: list[dict[str, Any]] | None = None,
+    arch: str | None = None,
 ) -> dict[str, Any]:
     """The training facts of a file written after optimizer step `step` in (1-based) `epoch`, as the short
     `training_info` names of `formats.kohya.kohya_metadata` (None values are left out of the file), plus
@@ -74,8 +115,14 @@ def training_metadata(
     file). `cfg` holds the settings in force now: after a resume that changed `learning_rate`,
     `ss_learning_rate` is the new value, and `resume_changes` (`[{"after_step", "setting", "old", "new"}]`,
     e.g. learning_rate 0.001 until step 4, then 1e-05) is written as JSON under `RESUME_CHANGES_KEY`.
-    Only names go into the file, never local paths: `sd_model_name` is the base model's hub id or folder name
-    (`formats.kohya.metadata.public_name`), the dataset keys are folder names."""
+    `arch` ("sd1", "sd2", "sdxl"; `Models.arch`) picks the SDXL form of `ss_text_encoder_lr`
+    (`text_encoder_lrs`). Only names go into the file, never local paths: the base model as `base_model_facts`
+    says (name, and a single file's hashes), the dataset keys are folder names. `ss_resolution` and
+    `modelspec.resolution` are `cfg.resolution` (the architecture's default once `resolve_arch_defaults` ran:
+    1024 for SDXL).
+
+    Raises:
+        OSError: the single-file base model cannot be read to hash it."""
     return {
         "max_train_steps": schedule.max_train_steps,
         "resolution": cfg.resolution,
@@ -83,7 +130,7 @@ def training_metadata(
         "training_started_at": started_at,
         "learning_rate": cfg.learning_rate,
         "unet_lr": cfg.learning_rate,
-        "text_encoder_lr": (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None,
+        "text_encoder_lr": text_encoder_lrs(cfg, arch),
         "lr_scheduler": cfg.lr_scheduler,
         "optimizer": "AdamW8bit" if cfg.use_8bit_adam else "AdamW",
         "batch_size": schedule.total_batch_size,
@@ -92,8 +139,7 @@ def training_metadata(
         "seed": cfg.seed,
         "noise_offset": cfg.noise_offset or None,
         "min_snr_gamma": cfg.snr_gamma,
-        # A name, not the local path: a published adapter must not carry its author's folders (kohya's rule).
-        "sd_model_name": public_name(cfg.pretrained_model_name_or_path),
+        **base_model_facts(cfg),
         "prediction_type": prediction_type,
         **dataset_facts(summary.records),
         "steps": step,
@@ -110,14 +156,18 @@ def export_kohya(
     *,
     unet: nn.Module,
     text_encoder: nn.Module | None,
+    text_encoder_2: nn.Module | None = None,
     prediction_type: str,
     training_info: dict[str, Any],
 ) -> Path:
     """Write the trained adapter(s) as one Kohya/LyCORIS `.safetensors` in `save_precision`, with metadata.
 
-    `unet`/`text_encoder` are the unwrapped models holding adapter `ADAPTER_NAME` (`text_encoder` None: not
-    trained); `training_info` comes from `training_metadata` (its `loha_diffusion.*` keys are written as they
-    are). The file is written atomically; returns `path`.
+    `unet`/`text_encoder`/`text_encoder_2` are the unwrapped models holding adapter `ADAPTER_NAME`
+    (`text_encoder` None: not trained; `text_encoder_2` SDXL's second encoder). One text encoder is written as
+    `lora_te_*`, SDXL's two as `lora_te1_*` / `lora_te2_*` and the UNet under sd-scripts' SDXL (LDM) names, with
+    `ss_base_model_version` "sdxl_base_v1-0" (`base_model_version`). `training_info` comes from
+    `training_metadata` (its `loha_diffusion.*` keys are written as they are). The file is written atomically;
+    returns `path`.
 
     Raises:
         KohyaFormatError: the adapters cannot be written as a Kohya file (the message lists every problem).
@@ -128,6 +178,7 @@ def export_kohya(
         path,
         unet=unet,
         text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         adapter_name=ADAPTER_NAME,
         dtype=torch_dtype(cfg.save_precision),
         base_model_version=base_model_version(unet, prediction_type),
@@ -140,10 +191,16 @@ def export_kohya(
 
 
 def export_peft(
-    directory: str | Path, cfg: TrainConfig, *, unet: nn.Module, text_encoder: nn.Module | None
+    directory: str | Path,
+    cfg: TrainConfig,
+    *,
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    text_encoder_2: nn.Module | None = None,
 ) -> Path:
-    """Write the PEFT-format folder(s) (`<dir>/unet/`, and `<dir>/text_encoder/` if trained) in
-    `save_precision`; returns `directory`.
+    """Write the PEFT-format folder(s) (`<dir>/unet/`, and `<dir>/text_encoder/`, SDXL also
+    `<dir>/text_encoder_2/`, if trained: diffusers' pipeline component names) in `save_precision`; returns
+    `directory`.
 
     The folder is written whole (`formats.convert.peft_output_folder`): a kill during the export leaves the
     previous folder or the new one, never a mix of two runs' components.
@@ -160,6 +217,7 @@ def export_peft(
             tmp,
             unet=unet,
             text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
             adapter_name=ADAPTER_NAME,
             dtype=torch_dtype(cfg.save_precision),
         )

@@ -1,9 +1,12 @@
 """The `--dry_run` plan: what a run would train and write, computed without loading any weights.
 
-The plan (adapted modules per part, trainable parameters, effective rank, file size, steps, effective batch,
-warnings about known-bad settings) is computed on models built on the `meta` device from the base model's
-configs (`models.load_meta_models`), so it costs no memory and loads no weights. Only the dry run uses this
-module; the run's adapter configs and step schedule come from `models.py` and `data.py`.
+The plan (the base model's architecture and the training resolution, adapted modules per part, trainable
+parameters, effective rank, file size, steps, effective batch, warnings about known-bad settings) is computed
+on models built on the `meta` device from the base model's configs (`models.load_meta_models`; a single-file
+base from its config folder), so it costs no memory and loads no weights. Text-encoder parts are named as the
+Kohya file names them: `text_encoder` (`lora_te_`) for SD1.x/SD2.x, `te1` / `te2` (`lora_te1_` / `lora_te2_`)
+for SDXL's two encoders. Only the dry run uses this module; the run's adapter configs and step schedule come
+from `models.py` and `data.py`.
 """
 
 from __future__ import annotations
@@ -20,14 +23,20 @@ from .config import TrainConfig
 from .data import Schedule, compute_schedule, scan_training_data
 from .models import (
     ADAPTER_NAME,
+    base_model_arch,
     load_meta_models,
     load_tokenizer,
+    resolve_arch_defaults,
     text_encoder_adapter_config,
     unet_adapter_config,
 )
 
 HEADER_BYTES_PER_TENSOR = 160  # safetensors header entry: name, dtype, shape, offsets
 FILE_OVERHEAD_BYTES = 8 + 2048  # header length field and the metadata
+ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+# Plan part names of the trained text encoders, by how many there are: the Kohya file's `lora_te_` (one) or
+# `lora_te1_` / `lora_te2_` (SDXL).
+TEXT_ENCODER_PARTS = {1: ("text_encoder",), 2: ("te1", "te2")}
 
 
 @dataclass
@@ -50,6 +59,8 @@ class Plan:
     file_bytes: int  # expected size of the Kohya file, in bytes
     schedule: Schedule | None
     warnings: list[str]
+    tensor_bytes: int = 0  # bytes of the Kohya file's tensors (exact): factors and alphas in save_precision
+    arch: str | None = None  # "sd1" | "sd2" | "sdxl"
 
 
 def _part_name(prefix: str, module_path: str) -> str:
@@ -64,12 +75,17 @@ def _layer_kind(layer: nn.Module) -> str:
     return f"conv {kernel}"
 
 
-def describe_adapters(model: nn.Module, prefix: str, save_precision: str) -> tuple[list[PartPlan], int, int]:
+def describe_adapters(
+    model: nn.Module, prefix: str, save_precision: str
+) -> tuple[list[PartPlan], int, int, int]:
     """Per-part module counts, parameters and effective ranks of `model`'s adapters, the total parameter
-    count, and the bytes they take in a Kohya file saved in `save_precision` ("fp32"/"fp16"/"bf16")."""
+    count, the bytes of their tensors in a Kohya file saved in `save_precision` ("fp32"/"fp16"/"bf16": every
+    factor and each module's 0-dim alpha in that dtype, as `formats.kohya.save_kohya` writes them), and those
+    bytes plus an estimate of their header entries."""
     parts: dict[str, PartPlan] = {}
     total_params = 0
-    file_bytes = 0
+    tensor_bytes = 0
+    header_bytes = 0
     for path, layer in adapter_layers(model).items():
         for adapter in layer.adapters.values():
             part = parts.setdefault(_part_name(prefix, path), PartPlan(_part_name(prefix, path)))
@@ -80,10 +96,10 @@ def describe_adapters(model: nn.Module, prefix: str, save_precision: str) -> tup
             part.kinds[_layer_kind(layer.base_layer)] += 1
             part.effective_ranks.add(adapter.effective_rank)
             total_params += numel
-            # The tensors, one 0-dim fp32 alpha per module, and a header entry per tensor.
-            file_bytes += numel * BYTES_PER_ELEMENT[save_precision] + 4
-            file_bytes += HEADER_BYTES_PER_TENSOR * (len(tensors) + 1)
-    return list(parts.values()), total_params, file_bytes
+            # The tensors and one 0-dim alpha per module, all in save_precision; a header entry per tensor.
+            tensor_bytes += (numel + 1) * BYTES_PER_ELEMENT[save_precision]
+            header_bytes += HEADER_BYTES_PER_TENSOR * (len(tensors) + 1)
+    return list(parts.values()), total_params, tensor_bytes, tensor_bytes + header_bytes
 
 
 def setting_warnings(cfg: TrainConfig) -> list[str]:
@@ -127,22 +143,45 @@ def setting_warnings(cfg: TrainConfig) -> list[str]:
     return warnings
 
 
-def build_plan(cfg: TrainConfig, num_samples: int | None = None, num_processes: int = 1) -> Plan:
-    """The dry-run plan for `cfg` (`num_samples`: samples per epoch of the scanned dataset, if known).
+def build_plan(
+    cfg: TrainConfig, num_samples: int | None = None, num_processes: int = 1, arch: str | None = None
+) -> Plan:
+    """The dry-run plan for `cfg` (`num_samples`: samples per epoch of the scanned dataset, if known) on a base
+    model of architecture `arch` (None: `models.base_model_arch(cfg)`, and `resolve_arch_defaults` fills the
+    architecture's defaults into `cfg` in place). With `train_text_encoder` the plan holds every text encoder
+    the run trains (SDXL: `te1` and `te2`).
 
     Raises:
-        ConfigError: the base model's configs cannot be read (see `models.load_meta_models`) or the adapter
-            settings are inconsistent (see `models.unet_adapter_config`).
+        ConfigError: the base model's configs cannot be read (see `models.load_meta_models`,
+            `models.base_model_arch`) or the adapter settings are inconsistent (see
+            `models.unet_adapter_config`).
     """
-    unet, text_encoder = load_meta_models(cfg)
+    if arch is None:
+        arch = base_model_arch(cfg)
+        resolve_arch_defaults(cfg, arch)
+    unet, text_encoders = load_meta_models(cfg)
     inject_adapter(unet, unet_adapter_config(cfg), ADAPTER_NAME)
-    parts, params, size = describe_adapters(unet, "unet", cfg.save_precision)
-    if text_encoder is not None:
-        inject_adapter(text_encoder, text_encoder_adapter_config(cfg), ADAPTER_NAME)
-        te_parts, te_params, te_size = describe_adapters(text_encoder, "text_encoder", cfg.save_precision)
-        parts, params, size = parts + te_parts, params + te_params, size + te_size
+    parts, params, tensor_bytes, size = describe_adapters(unet, "unet", cfg.save_precision)
+    te_config = text_encoder_adapter_config(cfg)
+    if text_encoders and te_config is not None:
+        for text_encoder, name in zip(text_encoders, TEXT_ENCODER_PARTS[len(text_encoders)]):
+            inject_adapter(text_encoder, te_config, ADAPTER_NAME)
+            te_parts, te_params, te_tensors, te_size = describe_adapters(
+                text_encoder, name, cfg.save_precision
+            )
+            parts, params = parts + te_parts, params + te_params
+            tensor_bytes, size = tensor_bytes + te_tensors, size + te_size
     schedule = compute_schedule(cfg, num_samples, num_processes) if num_samples else None
-    return Plan(parts, params, size + FILE_OVERHEAD_BYTES, schedule, setting_warnings(cfg))
+    return Plan(
+        parts, params, size + FILE_OVERHEAD_BYTES, schedule, setting_warnings(cfg), tensor_bytes, arch
+    )
+
+
+def _base_facts(cfg: TrainConfig, plan: Plan) -> str:
+    """The header's base-model facts (architecture, training resolution), those known: " (SDXL, 1024 px)"."""
+    facts = [ARCH_NAMES.get(plan.arch, plan.arch)] if plan.arch else []
+    facts += [f"{cfg.resolution} px"] if cfg.resolution else []
+    return f" ({', '.join(facts)})" if facts else ""
 
 
 def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> str:
@@ -156,7 +195,7 @@ def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> s
             else ""
         )
         + (", effective conv2d (CP)" if cfg.use_effective_conv2d else "")
-        + f" on {cfg.pretrained_model_name_or_path}",
+        + f" on {cfg.pretrained_model_name_or_path}{_base_facts(cfg, plan)}",
         f"  {'part':<20} {'modules':>7} {'params':>12}  {'layers':<40} {rank_word}",
     ]
     for part in plan.parts:
@@ -183,14 +222,18 @@ def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> s
 def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
     """The `--dry_run` plan as text: checks the data and the model's configs, loads no weights, writes nothing.
 
-    The data part is the scan's full report (`DatasetSummary.report`), caption lengths counted with the base
-    model's tokenizer when it can be loaded. `num_processes` defaults to accelerate's (the launcher's) process
-    count.
+    First the base model's architecture (`models.base_model_arch`: a folder's UNet config or a single file's
+    header) and the defaults it sets (`models.resolve_arch_defaults`: the resolution), as `train` does, so the
+    data is scanned at the resolution the run would use. The data part is the scan's full report
+    (`DatasetSummary.report`), caption lengths counted with the base model's tokenizer when it can be loaded.
+    `num_processes` defaults to accelerate's (the launcher's) process count.
 
     Raises:
         DataError: the training data cannot be used (see `data.scan_dataset`).
         ConfigError: as `build_plan`.
     """
+    arch = base_model_arch(cfg)
+    resolve_arch_defaults(cfg, arch)
     try:
         tokenizer, no_tokenizer = load_tokenizer(cfg), None
     except ConfigError as exc:
@@ -200,7 +243,7 @@ def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
         from accelerate import PartialState
 
         num_processes = PartialState().num_processes
-    plan = build_plan(cfg, summary.num_samples, num_processes)
+    plan = build_plan(cfg, summary.num_samples, num_processes, arch=arch)
     data = summary.report()
     if no_tokenizer:
         data += f"\n  caption lengths not checked (no tokenizer: {no_tokenizer})"

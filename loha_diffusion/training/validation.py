@@ -1,29 +1,46 @@
 """Validation during training: image grids rendered through `loha_diffusion.pipeline.load_adapter` from the
 exported file (so training and inference use the same path), and a fixed-set denoising loss.
+
+The validation pipeline is built from the run's own modules (UNet, text encoder(s), VAE, tokenizer(s)), not
+loaded a second time: a second SD1.5 UNet and text encoder would hold ≈2 GB more on the device in fp16, SDXL's
+≈6.8 GB. The exported file is loaded into those modules as a second adapter, `VALIDATION_ADAPTER`, which alone
+is active while rendering; afterwards it is deleted and the trained adapter's state (active adapters,
+train/eval modes) is restored exactly (`validation_adapter`). Rendering runs in the modules' own dtypes, as a
+user's half-precision pipeline with `load_adapter` does (adapter factors fp32, their delta cast to the layer's
+dtype); the VAE decodes in its own dtype (SDXL's fp32 VAE under fp16 weights).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
+from huggingface_hub.utils import HFValidationError
 from PIL import Image
 from torch import nn
 
 from ..files import atomic_path
-from ..pipeline import from_pretrained_dtype, list_adapters, load_adapter, unload_adapter
+from ..model import adapter_layers
+from ..pipeline import adapter_components, delete_adapter, list_adapters, load_adapter, set_active_adapters
+from .conditioning import unet_conditioning
 from .config import TrainConfig
 from .data import ImageRecord, load_image, transform_image
-from .models import Models, resolve_base_model, weight_dtype
+from .models import Models, single_file_info
 from .step import derive_seed, encode_latents, prediction_target
 
 logger = logging.getLogger(__name__)
 
 VALIDATION_ADAPTER = "validation"
+# The sampler when the model folder names none: diffusers' DreamBooth LoRA scripts (train_dreambooth_lora.py,
+# train_dreambooth_lora_sdxl.py) validate with DPM-Solver++ built from the model's scheduler config.
+DEFAULT_INFERENCE_SCHEDULER = "DPMSolverMultistepScheduler"
 
 
 def make_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
@@ -42,102 +59,227 @@ def make_grid(images: Sequence[Image.Image], columns: int) -> Image.Image:
     return grid
 
 
-class Validator:
-    """Renders the validation prompts with a separate pipeline of the base model plus the exported adapter.
+def model_index_file(cfg: TrainConfig) -> Path | None:
+    """Where the base model's `model_index.json` is on this machine, without any network request: in a local
+    diffusers folder; for a single file, in the config folder it is loaded with (`models.single_file_info`:
+    `model_config` or the shipped configs); for a hub id, in the local Hugging Face cache (`try_to_load_from_cache`,
+    which the run's own loading filled). None when there is none.
 
-    The pipeline is built once (it shares the frozen VAE and tokenizer with training) and reused; each call
-    replaces the adapter with the file it is given. Images use a fixed seed, so grids are comparable. The
-    pipeline runs on `device` in `dtype` (the run's weight dtype); `resolution` is in pixels."""
+    Raises:
+        ConfigError: a single-file base model cannot be inspected (the run has loaded it before, so this is rare).
+    """
+    info = single_file_info(cfg)
+    if info is not None:
+        return info.config_dir / "model_index.json"
+    path = cfg.pretrained_model_name_or_path
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local / "model_index.json"
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(path, "model_index.json", revision=cfg.revision)
+    except HFValidationError:
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def inference_scheduler(noise_scheduler: Any, model_index: Path | None) -> Any:
+    """The sampler of the validation pipeline: the scheduler class the model's `model_index.json` names (as a
+    `from_pretrained` pipeline of the model would use: PNDM for SD1.5, Euler for SDXL base), else
+    `DEFAULT_INFERENCE_SCHEDULER`; configured from the run's training scheduler (`noise_scheduler.config`), so
+    the betas, the prediction type and a zero-terminal-SNR rescale are the ones trained with. A missing or
+    unreadable index, or a class diffusers does not have, falls back to the default."""
+    import diffusers
+
+    name = DEFAULT_INFERENCE_SCHEDULER
+    try:
+        entry = json.loads(model_index.read_text(encoding="utf-8")).get("scheduler") if model_index else None
+    except (OSError, ValueError, AttributeError):
+        entry = None
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str):
+        found = getattr(diffusers, entry[1], None)
+        if isinstance(found, type) and issubclass(found, diffusers.SchedulerMixin):
+            name = entry[1]
+    return getattr(diffusers, name).from_config(noise_scheduler.config)
+
+
+def build_pipeline(models: Models, scheduler: Any) -> Any:
+    """A `StableDiffusionPipeline` (SD1/SD2) or `StableDiffusionXLPipeline` (SDXL) around the run's own modules:
+    nothing is loaded or copied, no module is moved or cast (the pipeline runs where the modules are). No
+    safety checker, no watermark."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if models.arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            text_encoder_2=models.text_encoder_2,
+            tokenizer=models.tokenizer,
+            tokenizer_2=models.tokenizer_2,
+            unet=models.unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoder,
+            tokenizer=models.tokenizer,
+            unet=models.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _modes(modules: Sequence[nn.Module]) -> list[tuple[nn.Module, bool]]:
+    return [(sub, sub.training) for module in modules for sub in module.modules()]
+
+
+@contextmanager
+def validation_adapter(pipe: Any, adapter_file: str | Path) -> Iterator[None]:
+    """Within the block, `adapter_file` is loaded into the pipeline's modules as `VALIDATION_ADAPTER`, it alone
+    is active (the trained adapter stays loaded, inactive) and every module is in eval mode (no adapter dropout,
+    no gradient checkpointing). On leaving, also after an error: the validation adapter is deleted, then every
+    adapter layer's active adapters and every module's train/eval mode are set back to what they were. The
+    trained adapter's tensors, `requires_grad` and the optimizer are never touched; the global torch RNG states
+    (CPU, and CUDA of the modules' device) are restored, so validation does not shift training's random draws.
+
+    Raises:
+        LoHaDiffusionError: `load_adapter` cannot load `adapter_file` (the pipeline is left as it was).
+        AdapterNameError: the pipeline already has an adapter named `VALIDATION_ADAPTER`.
+    """
+    modules = [m for m in pipe.components.values() if isinstance(m, nn.Module)]
+    modes = _modes(modules)
+    active = [
+        (layer, list(layer.active_adapters))
+        for module in adapter_components(pipe).values()
+        for layer in adapter_layers(module).values()
+    ]
+    device = pipe.unet.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        load_adapter(pipe, adapter_file, adapter_name=VALIDATION_ADAPTER)
+        try:
+            set_active_adapters(pipe, [VALIDATION_ADAPTER])
+            for module in modules:
+                module.eval()
+            yield
+        finally:
+            if VALIDATION_ADAPTER in list_adapters(pipe):
+                delete_adapter(pipe, VALIDATION_ADAPTER)
+            for layer, names in active:
+                layer.set_active(names)
+            for sub, training in modes:
+                sub.training = training
+
+
+@torch.no_grad()
+def decode_images(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """PIL images of `latents` `(B, 4, h, w)` (the pipeline's `output_type="latent"` result), decoded one at a
+    time by the VAE in its own dtype and on its device, as the pipelines decode (SDXL's `latents_mean`/`_std`
+    when the VAE config has them, else division by `scaling_factor`).
+
+    Decoding here instead of in the pipeline keeps the VAE as training has it: `StableDiffusionXLPipeline`
+    upcasts an fp16 VAE with `force_upcast` in place (`upcast_vae`) and never casts it back, and the SD1
+    pipeline does not cast fp16 latents for an fp32 VAE."""
+    vae = pipe.vae
+    config = vae.config
+    dtype = next(vae.parameters()).dtype
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    images: list[Image.Image] = []
+    for latent in latents.split(1):
+        latent = latent.to(device=vae.device, dtype=dtype)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean_t = torch.tensor(mean, device=latent.device, dtype=dtype).view(shape)
+            std_t = torch.tensor(std, device=latent.device, dtype=dtype).view(shape)
+            latent = latent * std_t / config.scaling_factor + mean_t
+        else:
+            latent = latent / config.scaling_factor
+        image = vae.decode(latent, return_dict=False)[0]
+        images += pipe.image_processor.postprocess(image, output_type="pil")
+    return images
+
+
+class Validator:
+    """Renders the validation prompts with a pipeline around the run's own modules plus the exported adapter.
+
+    The pipeline (`build_pipeline`) holds the same UNet, text encoder(s), VAE and tokenizer(s) objects as
+    `models` (the unwrapped ones: accelerate's prepared wrappers are not pipeline components), so it costs no
+    memory beyond the validation adapter's factors; it is built once and reused. Each `render` loads the file
+    it is given as `VALIDATION_ADAPTER` and removes it again (`validation_adapter`). Images use a fixed seed, so
+    grids are comparable; `resolution` is in pixels (SDXL: the pipeline's micro-conditioning defaults, original
+    and target size = `resolution`, crop (0, 0))."""
 
     def __init__(
         self,
         *,
-        model_path: str,
-        revision: str | None,
-        variant: str | None,
+        models: Models,
+        scheduler: Any,
         prompts: Sequence[str],
         images_per_prompt: int,
         resolution: int,
         num_inference_steps: int,
         guidance_scale: float,
         seed: int,
-        vae: nn.Module,
-        tokenizer,
-        device: torch.device,
-        dtype: torch.dtype,
         output_dir: str | Path,
     ) -> None:
-        self.model_path, self.revision, self.variant = model_path, revision, variant
+        self.models, self.scheduler = models, scheduler
         self.prompts = list(prompts)
         self.images_per_prompt = images_per_prompt
         self.resolution = resolution
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.seed = seed
-        self.vae, self.tokenizer = vae, tokenizer
-        self.device, self.dtype = device, dtype
         self.output_dir = Path(output_dir)
         self._pipe = None
 
-    def pipeline(self):
-        """The validation pipeline (built on first use), read from where `models.resolve_base_model` says: the
-        local folder, the hub, or the local cache when offline or the hub cannot be reached (no minutes of
-        download retries at the end of a run).
-
-        Raises:
-            ConfigError: the base model is a hub id that cannot be reached and is not in the local cache.
-            OSError: the base model cannot be read.
-        """
+    def pipeline(self) -> Any:
+        """The validation pipeline around the run's modules (built on first use; see `build_pipeline`)."""
         if self._pipe is None:
-            from diffusers import StableDiffusionPipeline
-
-            self._pipe = StableDiffusionPipeline.from_pretrained(
-                resolve_base_model(self.model_path, self.revision),
-                revision=self.revision,
-                variant=self.variant,
-                vae=self.vae,
-                tokenizer=self.tokenizer,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-                **from_pretrained_dtype(self.dtype),  # `dtype` from diffusers 0.40, `torch_dtype` before
-            ).to(self.device)
-            self._pipe.set_progress_bar_config(disable=True)
+            self._pipe = build_pipeline(self.models, self.scheduler)
         return self._pipe
 
     @torch.no_grad()
+    def images(self, adapter_file: str | Path) -> list[Image.Image]:
+        """Every prompt rendered `images_per_prompt` times with `adapter_file` (alone) active, prompt by prompt,
+        each prompt from a CPU generator seeded with `seed`.
+
+        Raises:
+            LoHaDiffusionError: `load_adapter` cannot load `adapter_file` (the modules are left as they were).
+        """
+        pipe = self.pipeline()
+        images: list[Image.Image] = []
+        with validation_adapter(pipe, adapter_file):
+            for prompt in self.prompts:
+                generator = torch.Generator("cpu").manual_seed(self.seed)
+                latents = pipe(
+                    prompt,
+                    height=self.resolution,
+                    width=self.resolution,
+                    num_images_per_prompt=self.images_per_prompt,
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    generator=generator,
+                    output_type="latent",
+                ).images
+                images += decode_images(pipe, latents)
+        return images
+
     def render(self, adapter_file: str | Path, step: int) -> tuple[Image.Image, Path]:
-        """Load `adapter_file`, render every prompt `images_per_prompt` times, save the grid; returns it and its path.
+        """Render the prompts with `adapter_file` (`images`) and save the grid; returns it and its path.
 
         The grid has one row per prompt and `images_per_prompt` columns of `resolution` x `resolution` pixels;
         it is saved (atomically) as `<output_dir>/validation/step-<step:06d>.png`.
 
         Raises:
-            LoHaDiffusionError: `load_adapter` cannot load `adapter_file`; the base model cannot be reached
-                (`ConfigError`); the grid cannot be written for lack of space or permission
-                (`OutputWriteError`).
-            OSError: the base model cannot be read, or the grid cannot be written.
+            LoHaDiffusionError: `load_adapter` cannot load `adapter_file`; the grid cannot be written for lack
+                of space or permission (`OutputWriteError`).
+            OSError: the grid cannot be written.
         """
-        pipe = self.pipeline()
-        if VALIDATION_ADAPTER in list_adapters(pipe):
-            unload_adapter(pipe, VALIDATION_ADAPTER)
-        load_adapter(pipe, adapter_file, adapter_name=VALIDATION_ADAPTER)
-        # Newly wrapped layers start in training mode; inference must not apply adapter dropout.
-        pipe.unet.eval()
-        pipe.text_encoder.eval()
-        images = []
-        for prompt in self.prompts:
-            generator = torch.Generator("cpu").manual_seed(self.seed)
-            images += pipe(
-                prompt,
-                height=self.resolution,
-                width=self.resolution,
-                num_images_per_prompt=self.images_per_prompt,
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
-                generator=generator,
-            ).images
-        grid = make_grid(images, self.images_per_prompt)
+        grid = make_grid(self.images(adapter_file), self.images_per_prompt)
         path = self.output_dir / "validation" / f"step-{step:06d}.png"
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")  # the temporary name has no .png suffix to infer it from
@@ -145,34 +287,65 @@ class Validator:
 
 
 def make_validator(cfg: TrainConfig, accelerator: Any, models: Models) -> Validator | None:
-    """The validation renderer on the main process when `validation_prompt` is set, else None."""
+    """The validation renderer on the main process when `validation_prompt` is set, else None. `models` are
+    the run's unwrapped modules; the sampler is `inference_scheduler` of the base model's `model_index.json`.
+
+    Raises:
+        ConfigError: a single-file base model cannot be inspected (see `model_index_file`).
+    """
     if not (accelerator.is_main_process and cfg.validation_prompt):
         return None
     return Validator(
-        model_path=cfg.pretrained_model_name_or_path,
-        revision=cfg.revision,
-        variant=cfg.variant,
+        models=models,
+        scheduler=inference_scheduler(models.noise_scheduler, model_index_file(cfg)),
         prompts=cfg.validation_prompt,
         images_per_prompt=cfg.num_validation_images,
         resolution=cfg.validation_resolution or cfg.resolution,
         num_inference_steps=cfg.validation_num_inference_steps,
         guidance_scale=cfg.validation_guidance_scale,
         seed=cfg.seed,
-        vae=models.vae,
-        tokenizer=models.tokenizer,
-        device=accelerator.device,
-        dtype=weight_dtype(accelerator.mixed_precision),
         output_dir=cfg.output_dir,
     )
 
 
+def fixed_triples(
+    records: Sequence[ImageRecord],
+    *,
+    resolution: int,
+    seed: int,
+    timesteps_per_image: int,
+    num_timesteps: int,
+) -> list[dict[str, Any]]:
+    """The fixed evaluation set: per image (center-cropped to `resolution`), `timesteps_per_image` timesteps
+    evenly spread over `num_timesteps`, each `{"pixels": (3, H, W) float32, "caption", "seed", "timestep",
+    "original_size": (h, w), "crop_top_left": (top, left)}` with a seed derived from `seed`, image and timestep."""
+    fixed_t = [int((j + 0.5) * num_timesteps / timesteps_per_image) for j in range(timesteps_per_image)]
+    triples = []
+    for i, record in enumerate(records):
+        image = transform_image(
+            load_image(record.path, record.reader),
+            resolution,
+            center_crop=True,
+            random_flip=False,
+            generator=torch.Generator(),
+        )
+        for t in fixed_t:
+            triples.append(
+                {
+                    "pixels": image.pixels,
+                    "caption": record.caption,
+                    "seed": derive_seed(seed, "eval", i, t),
+                    "timestep": t,
+                    "original_size": image.original_size,
+                    "crop_top_left": image.crop_top_left,
+                }
+            )
+    return triples
+
+
 @torch.no_grad()
 def fixed_denoising_loss(
-    unet: nn.Module,
-    text_encoder: nn.Module,
-    tokenizer,
-    vae: nn.Module,
-    scheduler,
+    models: Models,
     records: Sequence[ImageRecord],
     *,
     resolution: int,
@@ -182,56 +355,61 @@ def fixed_denoising_loss(
     max_images: int = 16,
     batch_size: int = 8,
 ) -> float:
-    """Mean unweighted denoising MSE over a fixed set of (image, noise, timestep) triples.
+    """Mean unweighted denoising MSE over a fixed set of (image, noise, timestep) triples (`fixed_triples`).
 
     The first `max_images` images, center-cropped to `resolution` pixels, each at `timesteps_per_image`
     timesteps evenly spread over the schedule, with noise seeded from `seed`: the same arguments always give
-    the same triples, so the value is comparable across training steps. Runs in batches of `batch_size` on
-    the UNet's device, the UNet in eval mode (no adapter dropout; its mode is restored), the MSE in float32.
+    the same triples, so the value is comparable across training steps. The conditioning is the training
+    step's (`conditioning.unet_conditioning`; SDXL: both encoders and the micro-conditioning of each image's
+    original size and crop, target size `resolution`). Runs in batches of `batch_size` on the UNet's device,
+    the UNet and text encoders in eval mode (no adapter dropout; their modes are restored), the MSE in float32.
 
     Returns:
         The mean over all triples, a Python float.
     """
-    records = list(records)[:max_images]
-    num_t = scheduler.config.num_train_timesteps
-    fixed_t = [int((j + 0.5) * num_t / timesteps_per_image) for j in range(timesteps_per_image)]
+    unet = models.unet
+    triples = fixed_triples(
+        list(records)[:max_images],
+        resolution=resolution,
+        seed=seed,
+        timesteps_per_image=timesteps_per_image,
+        num_timesteps=models.noise_scheduler.config.num_train_timesteps,
+    )
     device = next(p.device for p in unet.parameters())
-    triples = []
-    for i, record in enumerate(records):
-        pixels = transform_image(
-            load_image(record.path, record.reader),
-            resolution,
-            center_crop=True,
-            random_flip=False,
-            generator=torch.Generator(),
-        )
-        for t in fixed_t:
-            triples.append((pixels, record.caption, derive_seed(seed, "eval", i, t), t))
     unet_dtype = next((p.dtype for p in unet.parameters() if not p.requires_grad), torch.float32)
-    was_training = unet.training
-    unet.eval()  # no adapter dropout while measuring
-    total, count = 0.0, 0
-    for start in range(0, len(triples), batch_size):
-        chunk = triples[start : start + batch_size]
-        pixels = torch.stack([c[0] for c in chunk])
-        latents = encode_latents(vae, pixels, [c[2] for c in chunk]).float()
-        noise = torch.stack(
-            [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(c[2])) for c in chunk]
-        ).to(latents.device)
-        timesteps = torch.tensor([c[3] for c in chunk], device=latents.device)
-        ids = tokenizer(
-            [c[1] for c in chunk],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        states = text_encoder(ids, return_dict=False)[0]
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy.to(unet_dtype), timesteps, states.to(unet_dtype), return_dict=False)[0]
-        target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
-        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-        total += per_sample.sum().item()
-        count += len(chunk)
-    unet.train(was_training)
-    return total / count
+    modes = _modes([unet, *models.text_encoders])
+    for module in (unet, *models.text_encoders):
+        module.eval()  # no adapter dropout while measuring
+    total = 0.0
+    try:
+        for start in range(0, len(triples), batch_size):
+            chunk = triples[start : start + batch_size]
+            seeds = [c["seed"] for c in chunk]
+            latents = encode_latents(models.vae, torch.stack([c["pixels"] for c in chunk]), seeds).float()
+            latents = latents.to(device)
+            noise = torch.stack(
+                [torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+            ).to(device)
+            timesteps = torch.tensor([c["timestep"] for c in chunk], device=device)
+            states, added = unet_conditioning(
+                models,
+                [c["caption"] for c in chunk],
+                device=device,
+                original_sizes=torch.tensor([c["original_size"] for c in chunk], dtype=torch.long),
+                crops_top_left=torch.tensor([c["crop_top_left"] for c in chunk], dtype=torch.long),
+                target_size=(resolution, resolution),
+            )
+            noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+            pred = unet(
+                noisy.to(unet_dtype),
+                timesteps,
+                states.to(unet_dtype),
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+            target = prediction_target(models.noise_scheduler, latents, noise, timesteps, prediction_type)
+            total += (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1).sum().item()
+    finally:
+        for sub, training in modes:
+            sub.training = training
+    return total / len(triples)

@@ -1,0 +1,277 @@
+"""Validation renders from the run's own modules (no second UNet/text encoder), with the exported file loaded as a
+second adapter, and leaves the trained adapter, its optimizer and the modules' modes exactly as they were; the
+fixed-set denoising loss conditions as training does (SDXL micro-conditioning from each image's crop)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, PNDMScheduler
+from PIL import Image
+
+from loha_diffusion.config import LoHaConfig
+from loha_diffusion.formats.kohya import save_kohya
+from loha_diffusion.model import adapter_layers, get_adapter_state_dict, inject_adapter
+from loha_diffusion.pipeline import list_adapters, load_adapter
+from loha_diffusion.targeting import text_encoder_preset
+from loha_diffusion.training.config import load_config
+from loha_diffusion.training.data import ImageRecord
+from loha_diffusion.training.models import Models
+from loha_diffusion.training.validation import (
+    VALIDATION_ADAPTER,
+    fixed_denoising_loss,
+    inference_scheduler,
+    make_validator,
+    validation_adapter,
+)
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+PROMPT = "a red square"
+
+
+def run_models(pipeline_dir: Path, arch: str) -> Models:
+    """The tiny model's parts as `models.load_models` gives them (DDPM noise scheduler)."""
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    return Models(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler"),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        arch=arch,
+    )
+
+
+def randomize(models: list[torch.nn.Module], seed: int) -> None:
+    """Give the trained adapter weights large enough to change the images (a fresh LoHa has ΔW = 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in models:
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.4)
+
+
+def add_trained_adapters(models: Models) -> list[torch.nn.Module]:
+    """Inject the "default" adapter (with rank dropout, so train mode would change the output) into the UNet and
+    every text encoder, as `models.add_adapters` does; returns the adapted models."""
+    for model in (models.unet, *models.text_encoders, models.vae):
+        model.requires_grad_(False)
+    inject_adapter(models.unet, LoHaConfig(r=4, alpha=4, target_modules=UNET_TARGETS, rank_dropout=0.5))
+    for text_encoder in models.text_encoders:
+        inject_adapter(text_encoder, text_encoder_preset(algo="loha", r=4, alpha=4, rank_dropout=0.5))
+    trained = [models.unet, *models.text_encoders]
+    randomize(trained, seed=1)
+    return trained
+
+
+def export(models: Models, path: Path) -> Path:
+    te1, te2 = models.text_encoder, models.text_encoder_2
+    return save_kohya(path, unet=models.unet, text_encoder=te1, text_encoder_2=te2, dtype=torch.float32)
+
+
+def snapshot(models: Models, trained: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
+    """Everything validation must leave exactly as it was."""
+    modules = [models.unet, *models.text_encoders, models.vae]
+    return {
+        "tensors": [
+            {k: v.clone() for k, v in get_adapter_state_dict(model, "default").items()} for model in trained
+        ],
+        "params": [(id(p), p.requires_grad, p.dtype, p.device) for m in modules for p in m.parameters()],
+        "active": [
+            (path, list(layer.active_adapters)) for m in trained for path, layer in adapter_layers(m).items()
+        ],
+        "modes": [(name, sub.training) for m in modules for name, sub in m.named_modules()],
+        "optimizer": [id(p) for group in optimizer.param_groups for p in group["params"]],
+        "optimizer_state": {
+            k: {n: t.clone() for n, t in v.items()} for k, v in optimizer.state_dict()["state"].items()
+        },
+        "rng": torch.get_rng_state(),
+    }
+
+
+def assert_same(before: dict, after: dict) -> None:
+    for old, new in zip(before["tensors"], after["tensors"], strict=True):
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    for key in ("params", "active", "modes", "optimizer"):
+        assert before[key] == after[key], key
+    for k, state in before["optimizer_state"].items():
+        assert all(torch.equal(t, after["optimizer_state"][k][n]) for n, t in state.items())
+    assert torch.equal(before["rng"], after["rng"])
+
+
+def validation_config(pipeline_dir: Path, tmp_path: Path, *flags: str):
+    return load_config(
+        [
+            "--pretrained_model_name_or_path",
+            str(pipeline_dir),
+            "--train_data_dir",
+            str(tmp_path),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_train_steps",
+            "1",
+            "--resolution",
+            "64",
+            "--validation_prompt",
+            PROMPT,
+            "--num_validation_images",
+            "1",
+            "--validation_num_inference_steps",
+            "3",
+            "--validation_guidance_scale",
+            "3.0",
+            *flags,
+        ]
+    )
+
+
+def fresh_render(pipeline_dir: Path, adapter_file: Path | None, seed: int) -> np.ndarray:
+    """The same prompt through a pipeline loaded fresh from the folder (with `adapter_file`), as a user would."""
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if adapter_file is not None:
+        load_adapter(pipe, adapter_file)
+    image = pipe(
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_validation_renders_the_file_on_the_runs_modules_and_restores_them(
+    arch, tiny_sd1_pipeline_dir, tiny_sdxl_pipeline_dir, tmp_path
+):
+    pipeline_dir = tiny_sd1_pipeline_dir if arch == "sd1" else tiny_sdxl_pipeline_dir
+    models = run_models(pipeline_dir, arch)
+    trained = add_trained_adapters(models)
+    adapter_file = export(models, tmp_path / "step.safetensors")
+    randomize(trained, seed=2)  # training went on: the trained adapter now differs from the file
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    for model in trained:
+        model.train()
+    models.unet.conv_in.eval()  # an odd mode on one submodule must come back as it was too
+    before = snapshot(models, trained, optimizer)
+
+    validator = make_validator(
+        validation_config(pipeline_dir, tmp_path), SimpleNamespace(is_main_process=True), models
+    )
+    grid, path = validator.render(adapter_file, step=3)
+
+    assert_same(before, snapshot(models, trained, optimizer))
+    assert list_adapters(validator.pipeline()) == {
+        "default": ["unet", "text_encoder", "text_encoder_2"][: len(trained)]
+    }
+    # The pipeline is made of the run's modules: nothing of the base model is held twice.
+    pipe = validator.pipeline()
+    assert pipe.unet is models.unet and pipe.vae is models.vae and pipe.text_encoder is models.text_encoder
+    assert getattr(pipe, "text_encoder_2", None) is models.text_encoder_2
+    expected_scheduler = {"sd1": PNDMScheduler, "sdxl": "EulerDiscreteScheduler"}[arch]
+    assert type(pipe.scheduler).__name__ == getattr(expected_scheduler, "__name__", expected_scheduler)
+    assert path == tmp_path / "out" / "validation" / "step-000003.png" and path.is_file()
+    # Same image as a user's fresh pipeline with the file loaded; different from the base model's.
+    ours = np.asarray(grid, dtype=np.int16)
+    assert np.abs(ours - fresh_render(pipeline_dir, adapter_file, validator.seed)).max() <= 1
+    assert np.abs(ours - fresh_render(pipeline_dir, None, validator.seed)).max() > 8
+
+
+def test_validation_adapter_is_removed_after_an_error(tiny_sd1_pipeline_dir, tmp_path):
+    models = run_models(tiny_sd1_pipeline_dir, "sd1")
+    trained = add_trained_adapters(models)
+    adapter_file = export(models, tmp_path / "a.safetensors")
+    optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters() if p.requires_grad])
+    for model in trained:
+        model.train()
+    before = snapshot(models, trained, optimizer)
+    validator = make_validator(
+        validation_config(tiny_sd1_pipeline_dir, tmp_path), SimpleNamespace(is_main_process=True), models
+    )
+    with pytest.raises(RuntimeError, match="while rendering"):
+        with validation_adapter(validator.pipeline(), adapter_file):
+            assert list_adapters(validator.pipeline()) == {
+                "default": ["unet", "text_encoder"],
+                VALIDATION_ADAPTER: ["unet", "text_encoder"],
+            }
+            assert not models.unet.training and all(
+                layer.active_adapters == [VALIDATION_ADAPTER]
+                for layer in adapter_layers(models.unet).values()
+            )
+            raise RuntimeError("while rendering")
+    assert_same(before, snapshot(models, trained, optimizer))
+    assert VALIDATION_ADAPTER not in list_adapters(validator.pipeline())
+
+
+def test_half_precision_modules_render_in_their_dtypes(tiny_sdxl_pipeline_dir, tmp_path):
+    """bf16 base weights with fp32 adapters and an fp32 VAE (SDXL's default): the render runs in the modules'
+    dtypes and leaves every dtype (the VAE's too: the SDXL pipeline would upcast an fp16 VAE in place) as it was."""
+    models = run_models(tiny_sdxl_pipeline_dir, "sdxl")
+    add_trained_adapters(models)
+    adapter_file = export(models, tmp_path / "a.safetensors")
+    for model in (models.unet, *models.text_encoders):
+        model.to(torch.bfloat16)
+        for layer in adapter_layers(model).values():
+            layer.adapters.float()  # as in training: base weights in the weight dtype, adapters fp32
+    dtypes = {name: p.dtype for m in (models.unet, models.vae) for name, p in m.named_parameters()}
+    validator = make_validator(
+        validation_config(tiny_sdxl_pipeline_dir, tmp_path), SimpleNamespace(is_main_process=True), models
+    )
+    images = validator.images(adapter_file)
+    assert len(images) == 1 and np.asarray(images[0]).std() > 0
+    assert dtypes == {name: p.dtype for m in (models.unet, models.vae) for name, p in m.named_parameters()}
+
+
+def test_inference_scheduler_from_model_index_else_dpm_solver(tmp_path):
+    ddpm = DDPMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"scheduler": ["diffusers", "PNDMScheduler"]}))
+    pndm = inference_scheduler(ddpm, index)
+    assert isinstance(pndm, PNDMScheduler) and pndm.config.prediction_type == "v_prediction"
+    assert isinstance(inference_scheduler(ddpm, None), DPMSolverMultistepScheduler)
+    assert isinstance(inference_scheduler(ddpm, tmp_path / "missing.json"), DPMSolverMultistepScheduler)
+    index.write_text(json.dumps({"scheduler": ["diffusers", "NoSuchScheduler"]}))
+    dpm = inference_scheduler(ddpm, index)
+    assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.rescale_betas_zero_snr
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_fixed_denoising_loss_conditions_like_training(
+    arch, tiny_sd1_pipeline_dir, tiny_sdxl_pipeline_dir, tmp_path
+):
+    """Deterministic, modes restored; SDXL's micro-conditioning comes from each image's original size and crop:
+    a 128x64 image and its 64x64 center crop give the same pixels but different time ids (SD1: same loss)."""
+    models = run_models(tiny_sd1_pipeline_dir if arch == "sd1" else tiny_sdxl_pipeline_dir, arch)
+    trained = add_trained_adapters(models)
+    for model in trained:
+        model.train()
+    wide = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(wide[:, 32:96]).save(tmp_path / "crop.png")
+    wide_record = [ImageRecord(tmp_path / "wide.png", PROMPT)]
+    crop_record = [ImageRecord(tmp_path / "crop.png", PROMPT)]
+    kwargs = {"resolution": 64, "prediction_type": "epsilon", "seed": 5, "timesteps_per_image": 2}
+    modes = [(name, m.training) for name, m in models.unet.named_modules()]
+    first = fixed_denoising_loss(models, wide_record, **kwargs)
+    assert fixed_denoising_loss(models, wide_record, **kwargs) == first and np.isfinite(first)
+    assert modes == [(name, m.training) for name, m in models.unet.named_modules()]
+    cropped = fixed_denoising_loss(models, crop_record, **kwargs)
+    if arch == "sd1":
+        assert cropped == pytest.approx(first, rel=1e-6)
+    else:
+        assert abs(cropped - first) > 1e-6 * abs(first)
+    randomize(trained, seed=3)
+    assert fixed_denoising_loss(models, wide_record, **kwargs) != first
