@@ -676,6 +676,7 @@ def write_kohya(run: Run, path: Path, epoch: int, finished_at: float | None = No
         epoch=epoch,
         finished_at=finished_at,
         resume_changes=run.changes,
+        arch=run.models.arch,
     )
     adapters = run.adapters
     return export_kohya(
