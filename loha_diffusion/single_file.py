@@ -50,7 +50,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers import schedulers as diffusers_schedulers
-from diffusers.loaders.single_file_utils import SingleFileComponentError, create_diffusers_clip_model_from_ldm
+from diffusers.loaders.single_file_utils import (
+    SingleFileComponentError,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    create_diffusers_clip_model_from_ldm,
+)
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -427,8 +432,37 @@ def _load_model(
             + " or use a complete checkpoint."
         ) from None
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        missing = _missing_tensors(cls, info, state, component)
+        if missing:
+            raise _incomplete(info, component, missing) from None
         raise _misfit(info, component, exc) from None
     return _complete(model, info, component)
+
+
+def _missing_tensors(
+    cls: type, info: CheckpointInfo, state: dict[str, torch.Tensor], component: str
+) -> list[str]:
+    """The model parameters diffusers' conversion of the file does not provide (it fails moving such a model
+    off the `meta` device, with a message that names none)."""
+    try:
+        config = cls.load_config(str(info.config_dir), subfolder=component, local_files_only=True)
+        convert = convert_ldm_unet_checkpoint if cls is UNet2DConditionModel else convert_ldm_vae_checkpoint
+        converted = convert(checkpoint=state, config=config)
+        with torch.device("meta"):
+            expected = cls.from_config(config).state_dict()
+    except (ValueError, RuntimeError, KeyError, OSError):
+        return []
+    return sorted(set(expected) - set(converted))
+
+
+def _incomplete(info: CheckpointInfo, component: str, missing: list[str]) -> ConfigError:
+    return ConfigError(
+        format_problems(
+            f"{info.path} lacks {component} weights that {info.config_dir / component} expects:",
+            [("missing parameters", missing)],
+            [f"a truncated or pruned file, or another model family: {MODEL_CONFIG_HINT}"],
+        )
+    )
 
 
 def _misfit(info: CheckpointInfo, component: str, exc: BaseException) -> ConfigError:
@@ -443,13 +477,7 @@ def _complete(model: nn.Module, info: CheckpointInfo, component: str) -> nn.Modu
     """diffusers leaves parameters the file lacks on the `meta` device; a model with any is refused."""
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise ConfigError(
-            format_problems(
-                f"{info.path} lacks {component} weights that {info.config_dir / component} expects:",
-                [("missing parameters", missing)],
-                [MODEL_CONFIG_HINT],
-            )
-        )
+        raise _incomplete(info, component, missing)
     return model.eval()
 
 

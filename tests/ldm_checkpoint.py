@@ -18,7 +18,9 @@ The output is what real checkpoints look like: `model.diffusion_model.*`, `first
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -219,6 +221,26 @@ def detect_folder_arch(folder: str | Path) -> str:
     return "sd2" if unet.get("use_linear_projection") else "sd1"
 
 
+def modules_to_original(arch: str, **components: Any) -> dict[str, torch.Tensor]:
+    """The single-file state dict of models given as `unet=`, `vae=`, `text_encoder=` [, `text_encoder_2=`]:
+    modules (a `meta` model gives meta tensors: names and shapes of a full-size file without memory) or
+    `(state_dict, config)` pairs."""
+    parts = {}
+    for name, value in components.items():
+        if isinstance(value, tuple):
+            parts[name] = value
+        else:
+            config = getattr(value, "config", None)  # diffusers: a dict; transformers: not needed here
+            parts[name] = (value.state_dict(), dict(config) if isinstance(config, Mapping) else {})
+    out = {f"model.diffusion_model.{k}": v for k, v in convert_unet(*parts["unet"]).items()}
+    out.update({f"first_stage_model.{k}": v for k, v in convert_vae(*parts["vae"]).items()})
+    for component, prefix in TEXT_ENCODER_PREFIXES[arch].items():
+        weights = parts[component][0]
+        converted = convert_openclip(weights) if prefix.endswith(".model.") else convert_openai_clip(weights)
+        out.update({prefix + k: v for k, v in converted.items()})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def diffusers_to_original(folder: str | Path, arch: str | None = None) -> dict[str, torch.Tensor]:
     """The whole single-file state dict of a saved diffusers pipeline folder (UNet, VAE, text encoder(s)).
 
@@ -228,16 +250,8 @@ def diffusers_to_original(folder: str | Path, arch: str | None = None) -> dict[s
     """
     folder = Path(folder)
     arch = arch or detect_folder_arch(folder)
-    unet, unet_config = _read_component(folder, "unet")
-    vae, vae_config = _read_component(folder, "vae")
-    out = {f"model.diffusion_model.{k}": v for k, v in convert_unet(unet, unet_config).items()}
-    out.update({f"first_stage_model.{k}": v for k, v in convert_vae(vae, vae_config).items()})
-    for component, prefix in TEXT_ENCODER_PREFIXES[arch].items():
-        weights, _ = _read_component(folder, component)
-        openclip = prefix.endswith(".model.")
-        converted = convert_openclip(weights) if openclip else convert_openai_clip(weights)
-        out.update({prefix + k: v for k, v in converted.items()})
-    return {k: v.contiguous() for k, v in out.items()}
+    names = ["unet", "vae", *TEXT_ENCODER_PREFIXES[arch]]
+    return modules_to_original(arch, **{name: _read_component(folder, name) for name in names})
 
 
 def write_single_file(
