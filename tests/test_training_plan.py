@@ -212,3 +212,24 @@ def test_tiny_sdxl_plan_matches_the_written_file(tiny_sdxl_pipeline_dir, data_di
         [t for t in tensors if t.dim() == 0]
     )
     assert 0.8 < plan.file_bytes / path.stat().st_size < 1.25
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_single_file_base_plans_from_its_config_folder(arch, request, data_dir):
+    """A single-file base plans on the configs it would load with (`model_config`, here the folder the file was
+    converted from), reading only the file's header: the same plan as the diffusers folder's."""
+    folder = request.getfixturevalue(f"tiny_{arch}_pipeline_dir")
+    checkpoint = request.getfixturevalue(f"tiny_{arch}_single_file")
+    flags = ("--model_config", str(folder), "--resolution", "64")
+    cfg = sample_config("sd15_lora.toml", checkpoint, data_dir, *flags)  # LoRA r=16 with train_text_encoder
+    plan = build_plan(cfg, num_samples=10)
+    expected = build_plan(
+        sample_config("sd15_lora.toml", folder, data_dir, "--resolution", "64"), num_samples=10
+    )
+    assert plan.arch == expected.arch == arch
+    assert [(p.name, p.modules, p.parameters) for p in plan.parts] == [
+        (p.name, p.modules, p.parameters) for p in expected.parts
+    ]
+    assert {p.name for p in plan.parts} >= ({"text_encoder"} if arch == "sd1" else {"te1", "te2"})
+    assert plan.tensor_bytes == expected.tensor_bytes > 0
+    assert f"on {checkpoint} ({'SD1.x' if arch == 'sd1' else 'SDXL'}, 64 px)" in format_plan(cfg, plan)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, PNDMScheduler
 from PIL import Image
+from safetensors.torch import load_file
+from test_training_loop import base_flags, make_dataset
 
 from loha_diffusion.config import LoHaConfig
 from loha_diffusion.formats.kohya import save_kohya
@@ -21,7 +23,8 @@ from loha_diffusion.pipeline import list_adapters, load_adapter
 from loha_diffusion.targeting import text_encoder_preset
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.data import ImageRecord
-from loha_diffusion.training.models import Models
+from loha_diffusion.training.loop import train
+from loha_diffusion.training.models import Models, load_models
 from loha_diffusion.training.validation import (
     VALIDATION_ADAPTER,
     fixed_denoising_loss,
@@ -275,3 +278,32 @@ def test_fixed_denoising_loss_conditions_like_training(
         assert abs(cropped - first) > 1e-6 * abs(first)
     randomize(trained, seed=3)
     assert fixed_denoising_loss(models, wide_record, **kwargs) != first
+
+
+def test_validation_of_a_single_file_base(tiny_sd1_single_file, tiny_sd1_pipeline_dir, tmp_path):
+    """A single-file base: the pipeline is built from the run's modules (nothing more is loaded), the sampler
+    comes from the config folder's model_index.json, and the image is the diffusers folder's with the file."""
+    cfg = validation_config(tiny_sd1_single_file, tmp_path, "--model_config", str(tiny_sd1_pipeline_dir))
+    models = load_models(cfg)
+    add_trained_adapters(models)
+    adapter_file = export(models, tmp_path / "single.safetensors")
+    validator = make_validator(cfg, SimpleNamespace(is_main_process=True), models)
+    assert isinstance(validator.pipeline().scheduler, PNDMScheduler)
+    image = np.asarray(validator.images(adapter_file)[0], dtype=np.int16)
+    assert np.abs(image - fresh_render(tiny_sd1_pipeline_dir, adapter_file, validator.seed)).max() <= 1
+
+
+def test_validation_during_training_does_not_change_what_is_trained(tiny_sd1_pipeline_dir, tmp_path):
+    """A run that validates every 2 steps (adapter dropout on, text encoder trained) ends with exactly the
+    tensors of the same run without validation: rendering leaves modes, adapters and random states alone."""
+    data = make_dataset(tmp_path / "data", 4)
+    common = {"max_train_steps": "4", "rank_dropout": "0.2", "train_batch_size": "2"}
+    plain = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "plain", **common)
+    validated = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "validated", **common)
+    validated += ["--validation_prompt", PROMPT, "--validation_steps", "2", "--num_validation_images", "1"]
+    validated += ["--validation_num_inference_steps", "2"]
+    results = [train(load_config(flags + ["--train_text_encoder"])) for flags in (plain, validated)]
+    assert not results[0].validation_images and len(results[1].validation_images) == 2
+    first, second = (load_file(str(result.kohya_file)) for result in results)
+    assert first.keys() == second.keys() and any(k.startswith("lora_te_") for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)
