@@ -209,11 +209,13 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     )
     resume = check_resume(resolve_resume_path(cfg), settings, fingerprint)
 
-    set_seed(cfg.seed)  # the same adapter initialisation in every process
     models = load_models(cfg, tokenizers)
     prediction_type = resolve_prediction_type(models.noise_scheduler, cfg.prediction_type)
     dtype = weight_dtype(accelerator.mixed_precision)
     freeze_base_models(models, accelerator.device, dtype, vae_float32=vae_in_float32(cfg, models.arch))
+    # Seeded after loading (a single-file load draws random initialisations before the weights replace them):
+    # the same adapter initialisation in every process, whatever the base model's format.
+    set_seed(cfg.seed)
     add_adapters(models, cfg, unet_config, te_config)
     optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models))
     loader, sampler = training_dataloader(cfg, summary)
