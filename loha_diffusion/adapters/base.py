@@ -21,6 +21,14 @@ from torch import nn
 from ..errors import AdapterStateError
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device_type` ("cpu", "cuda", ...), or None when autocast is off there
+    or the device has no autocast (`meta`, where `torch.is_autocast_enabled` raises). `torch.compile` traces it."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """What an adapter needs to know about its base layer: the op and the weight geometry."""
@@ -211,15 +219,47 @@ class Adapter(nn.Module):
         """Δ(x) computed without building ΔW (only for kinds that have a low-rank form)."""
         raise NotImplementedError(f"{self.kind} adapters have no bypass form")
 
-    def rank_dropout_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """PEFT's rank dropout: keep each output row with probability 1-p, rescale by 1/kept-fraction.
+    def has_bypass(self) -> bool:
+        """Whether `bypass` is exact on this layer: the kind overrides it and the layer is ungrouped with zero
+        padding (the low-rank convs are ungrouped). A kind with a grouped bypass overrides this."""
+        return type(self).bypass is not Adapter.bypass and self.spec.groups == 1 and self.spec.zero_padding
 
-        The all-rows-dropped case (PEFT divides by zero there) returns an all-zero mask."""
-        keep = (torch.rand(self.spec.out_features) > self.rank_dropout).to(dtype)
-        kept = keep.mean()
-        if kept > 0:
-            keep = keep / kept
-        return keep.to(device)
+    def rank_dropout_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """PEFT's rank dropout: keep each output row with probability 1-p, rescale by 1/kept-fraction;
+        shape `(out_features,)`, `dtype`, on `device`.
+
+        Drawn on `device` from that device's default generator, so nothing crosses to or from the host (no
+        copy, no `.item()`); `torch.manual_seed`, which the training loop calls before every micro-step, seeds
+        the CPU and every CUDA generator, so a resumed run draws the same masks. The all-rows-dropped case
+        (PEFT divides by zero there) gives an all-zero mask without a branch: the kept fraction is clamped to
+        the smallest normal number, and 0 / tiny = 0.
+        """
+        keep = (torch.rand(self.spec.out_features, device=device) > self.rank_dropout).to(dtype)
+        return keep / keep.mean().clamp(min=torch.finfo(dtype).tiny)
+
+    def module_dropout_keep(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """PEFT's module dropout as a 0-d 0/1 tensor on `device`: 1 (run the adapter) with probability 1-p.
+
+        PEFT and LyCORIS skip the adapter in Python (`if torch.rand(1) > p`), a host sync per layer and call
+        and a data-dependent branch that breaks `torch.compile` graphs; multiplying the adapter's contribution
+        by this scalar gives the same output (a dropped adapter adds exactly zero) without either. Differences:
+        the dropped adapter is still computed, and its factors get a zero gradient rather than none (an
+        optimizer then steps them with a zero gradient, as it does in PEFT whenever another call of the step
+        kept the adapter). Drawn from `device`'s default generator, as `rank_dropout_mask`.
+        """
+        return (torch.rand((), device=device) > self.module_dropout).to(dtype)
+
+    def dropout_scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """The factor the adapter's output rows are multiplied by in one training call: the rank-dropout mask
+        `(out_features,)` times the module-dropout 0/1 scalar (a 0-d tensor with module dropout only), or None
+        when neither dropout is set. Draws the module scalar first, then the rank mask."""
+        scale = None
+        if self.module_dropout > 0:
+            scale = self.module_dropout_keep(device, dtype)
+        if self.rank_dropout > 0:
+            mask = self.rank_dropout_mask(device, dtype)
+            scale = mask if scale is None else mask * scale
+        return scale
 
     # -- the Kohya/LyCORIS file form of the kind (docs/kohya-format.md, sections 3-5) -----------------
 

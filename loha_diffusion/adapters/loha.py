@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import loha as loha_fn
-from .base import Adapter, LayerSpec
+from .base import Adapter, LayerSpec, autocast_dtype
 
 # Relative cost of one multiply-add in the thin rank-r² bypass matmuls against one in the big base-shaped
 # matmul of the merged form (thin GEMMs run below peak). Over many tokens a Linear's thin matmuls run at about
@@ -169,7 +169,7 @@ class LoHaAdapter(Adapter):
         spec = self.spec
         p, q, core = loha_fn.bypass_factors(*self._factors())
         p = p * self.scaling
-        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else p.dtype
+        dtype = x.dtype if autocast_dtype(x.device.type) is None else p.dtype
         p, q = p.to(dtype), q.to(dtype)
         if spec.op == "linear":
             return F.linear(F.linear(x, q), p)

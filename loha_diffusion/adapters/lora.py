@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import lora as lora_fn
-from .base import Adapter, LayerSpec
+from .base import Adapter, LayerSpec, autocast_dtype
 
 
 class LoRAAdapter(Adapter):
@@ -110,7 +110,7 @@ class LoRAAdapter(Adapter):
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         """`s · B(A(x))` as two (three with Tucker) thin ops, never building ΔW."""
         spec = self.spec
-        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else self.lora_A.dtype
+        dtype = x.dtype if autocast_dtype(x.device.type) is None else self.lora_A.dtype
         down, up = self.lora_A.to(dtype), (self.lora_B * self.scaling).to(dtype)
         if spec.op == "linear":
             return F.linear(F.linear(x, down), up)

@@ -55,11 +55,32 @@ class HadaWeight(torch.autograd.Function):
         return grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
 
 
+def rebuild_cp_grads(
+    grad: torch.Tensor, t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `sum(grad * rebuild_cp(t, w_a, w_b))` w.r.t. `t`, `w_a`, `w_b` (shapes as theirs) for
+    `grad (out, in, *kernel)`.
+
+    From `M[p,q,k] = Σ_ij t[i,j,k] w_b[j,q] w_a[i,p]`: with `H[p,j,k] = Σ_q grad[p,q,k] w_b[j,q]` and
+    `E[i,q,k] = Σ_p w_a[i,p] grad[p,q,k]` (the two out×in·k×r contractions, done once each),
+    `dw_a[i,p] = Σ_jk H[p,j,k] t[i,j,k]`, `dt[i,j,k] = Σ_p w_a[i,p] H[p,j,k]`, `dw_b[j,q] = Σ_ik t[i,j,k] E[i,q,k]`
+    (r×r-sized contractions).
+    """
+    h = torch.einsum("pq...,jq->pj...", grad, w_b)
+    e = torch.einsum("ip,pq...->iq...", w_a, grad)
+    grad_w_a = torch.einsum("pj...,ij...->ip", h, t)
+    grad_t = torch.einsum("ip,pj...->ij...", w_a, h)
+    grad_w_b = torch.einsum("ij...,iq...->jq", t, e)
+    return grad_t, grad_w_a, grad_w_b
+
+
 class HadaWeightCP(torch.autograd.Function):
     """CP/Tucker LoHa delta `scaling · M(t1, w1a, w1b) ⊙ M(t2, w2a, w2b)` saving only the factors.
 
-    Backward recomputes each half under autograd and differentiates that recompute, so every factor's
-    gradient is the exact one (PEFT's hand-written `HadaWeightCP` backward swaps the w1a/w2a chains).
+    Backward recomputes both halves and applies the explicit gradients of `rebuild_cp` (`rebuild_cp_grads`),
+    so every factor's gradient is the exact one (PEFT's hand-written `HadaWeightCP` backward swaps the
+    w1a/w2a chains) and `torch.compile` traces it: no `torch.autograd.grad` inside backward, which made
+    dynamo break the graph at every CP conv.
     """
 
     @staticmethod
@@ -72,13 +93,8 @@ class HadaWeightCP(torch.autograd.Function):
     def backward(ctx, grad_out):
         t1, w1a, w1b, t2, w2a, w2b = ctx.saved_tensors
         grad = grad_out * ctx.scaling
-        with torch.enable_grad():
-            half_1 = [f.detach().requires_grad_() for f in (t1, w1a, w1b)]
-            half_2 = [f.detach().requires_grad_() for f in (t2, w2a, w2b)]
-            m1 = rebuild_cp(*half_1)
-            m2 = rebuild_cp(*half_2)
-            grads_1 = torch.autograd.grad(m1, half_1, grad * m2.detach())
-            grads_2 = torch.autograd.grad(m2, half_2, grad * m1.detach())
+        grads_1 = rebuild_cp_grads(grad * rebuild_cp(t2, w2a, w2b), t1, w1a, w1b)
+        grads_2 = rebuild_cp_grads(grad * rebuild_cp(t1, w1a, w1b), t2, w2a, w2b)
         return (*grads_1, *grads_2, None)
 
 
