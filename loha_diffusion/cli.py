@@ -76,40 +76,76 @@ def _pipeline_dir(value: str | Path) -> Path:
     path = Path(value)
     if not (path / "model_index.json").is_file():
         raise CLIError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json). Use a folder written by "
-            f"`save_pretrained` or `{PROG} make-tiny`."
+            f"{path} is not a diffusers pipeline folder (no model_index.json) nor a single-file checkpoint "
+            f"(.safetensors/.ckpt). Use a folder written by `save_pretrained` or `{PROG} make-tiny`, or a base "
+            "model file such as v1-5-pruned-emaonly.safetensors."
         )
     return path
 
 
-def _load_pipeline(path: Path, precision: str | None = None, device: str | None = None):
+def _base_source(args: argparse.Namespace) -> Any:
+    """--pipeline as given: a diffusers folder (Path), or a single-file checkpoint (`single_file.CheckpointInfo`,
+    configs from --model-config or the shipped ones, --model-arch / --prediction-type overriding detection)."""
+    from . import single_file
+
+    value = Path(os.path.expanduser(args.pipeline))
+    if single_file.is_single_file(value):
+        return single_file.inspect_checkpoint(
+            value,
+            arch=getattr(args, "model_arch", None),
+            prediction_type=getattr(args, "prediction_type", None),
+            config_dir=getattr(args, "model_config", None),
+        )
+    if value.suffix.lower() in single_file.SINGLE_FILE_SUFFIXES and not value.exists():
+        raise CLIError(f"--pipeline {value}: no such file.")
+    if getattr(args, "model_config", None) or getattr(args, "model_arch", None):
+        raise CLIError(
+            "--model-config and --model-arch are for a single-file --pipeline (.safetensors/.ckpt)."
+        )
+    return _pipeline_dir(value)
+
+
+def _base_label(source: Any) -> Path:
+    return getattr(source, "path", source)
+
+
+def _config_folder(source: Any) -> Path:
+    """The folder with the base model's configs: the pipeline folder, or a single file's config folder."""
+    return getattr(source, "config_dir", source)
+
+
+def _load_pipeline(source: Any, precision: str | None = None, device: str | None = None):
     from diffusers import DiffusionPipeline
 
+    from . import single_file
     from .pipeline import from_pretrained_dtype
 
-    # `dtype` from diffusers 0.40 (`torch_dtype` then warns), `torch_dtype` before: no FutureWarning either way.
-    kwargs = from_pretrained_dtype(torch_dtype(precision)) if precision else {}
-    pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+    if isinstance(source, single_file.CheckpointInfo):
+        pipe = single_file.load_pipeline(source, torch_dtype=torch_dtype(precision) if precision else None)
+    else:
+        # `dtype` from diffusers 0.40 (`torch_dtype` then warns), `torch_dtype` before: no FutureWarning.
+        kwargs = from_pretrained_dtype(torch_dtype(precision)) if precision else {}
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     if device:
         pipe.to(device)
     return pipe
 
 
-def _base_models(pipeline: Path | None, arch: str | None) -> dict[str, Any]:
-    """Weightless (meta-device) UNet and text encoder(s) of the base model: from the pipeline folder's configs,
-    else the real SD1.5 / SDXL configs for `arch`."""
+def _base_models(pipeline: Any, arch: str | None) -> dict[str, Any]:
+    """Weightless (meta-device) UNet and text encoder(s) of the base model: from the pipeline folder's (or the
+    single file's config folder's) configs, else the real SD1.5 / SDXL configs for `arch`."""
     from .meta_models import meta_models
 
     if pipeline is None and arch not in ("sd1", "sdxl"):
         raise CLIError(
             "Cannot tell which base model the file is for (no ss_base_model_version, ambiguous names); "
-            "pass --pipeline DIR with the base model's diffusers folder."
+            "pass --pipeline DIR with the base model's diffusers folder (or its single-file checkpoint)."
         )
-    return meta_models(pipeline, arch=arch)
+    return meta_models(_config_folder(pipeline) if pipeline is not None else None, arch=arch)
 
 
 @contextlib.contextmanager
-def _base_model_hint(src: Path, pipeline: Path | None) -> Iterator[None]:
+def _base_model_hint(src: Path, pipeline: Any) -> Iterator[None]:
     """Add a hint about --pipeline to the format errors raised inside (a file and a base model that differ)."""
     try:
         yield
@@ -117,7 +153,7 @@ def _base_model_hint(src: Path, pipeline: Path | None) -> Iterator[None]:
         if pipeline is None:
             hint = f"pass --pipeline DIR of the base model {src.name} was made for."
         else:
-            hint = f"is {pipeline} the base model {src.name} was made for?"
+            hint = f"is {_base_label(pipeline)} the base model {src.name} was made for?"
         raise CLIError(f"{err}\nhint: {hint}") from None
 
 
@@ -367,7 +403,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .formats.convert import module_targets
 
     kfile = _read_kohya(args.file)
-    models = _base_models(_pipeline_dir(args.pipeline), None)
+    models = _base_models(_base_source(args), None)
     targets = module_targets(kfile, models)
     rows = []
     for name, module in kfile.modules.items():
@@ -425,7 +461,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _convert_peft(args: argparse.Namespace, src: Path, dst: Path, to: str, pipeline: Path | None) -> int:
+def _convert_peft(args: argparse.Namespace, src: Path, dst: Path, to: str, pipeline: Any) -> int:
     """Kohya -> PEFT folders, PEFT folders -> Kohya (or -> PEFT), through weightless base models."""
     from .formats import convert
 
@@ -463,7 +499,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     src, dst = Path(args.input), Path(args.output)
     to = _convert_target(args, src, dst)
-    pipeline = _pipeline_dir(args.pipeline) if args.pipeline else None
+    pipeline = _base_source(args) if args.pipeline else None
     if src.is_dir() or to == "peft":
         return _convert_peft(args, src, dst, to, pipeline)
     kfile = _read_kohya(src)
@@ -523,15 +559,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
             fit; `OutputWriteError` when --out cannot be written (nothing is left half-written).
     """
     _quiet_libraries()
+    from . import single_file
     from .pipeline import save_merged, stored_dtypes
 
     out = Path(args.out)
-    source = _pipeline_dir(args.pipeline)
-    if out.resolve() == source.resolve():
+    source = _base_source(args)
+    label = _base_label(source)
+    if out.resolve() == label.resolve():
         raise CLIError(f"--out {out} is the base model's folder; write the merged model to a new folder.")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not args.overwrite:
         raise CLIError(f"{out} exists and is not empty; choose a new folder or pass --overwrite.")
-    base = stored_dtypes(source)
+    single = isinstance(source, single_file.CheckpointInfo)
+    base = single_file.stored_dtypes(source) if single else stored_dtypes(source)
     wanted = {name: torch_dtype(args.dtype) for name in base} if args.dtype else base
     # Every merged weight is computed in fp32 from the loaded one and rounded once to the loaded dtype. Loading
     # in the base model's own dtype (half the memory of fp32 for an fp16 model) gives the same bits when that is
@@ -547,11 +586,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     written = save_merged(pipe, out, wanted)
     scales = [_parse_adapter_arg(value)[1] for value in args.adapter]
     merged = ", ".join(f"{name} ({scale:g})" for name, scale in zip(names, scales))
-    print(f"wrote {out}: {source} with {merged} merged into the weights")
+    print(f"wrote {out}: {label} with {merged} merged into the weights")
     for name, (dtype, size) in written.items():
         note = ""
         if base.get(name) is None:
-            note = "  (base dtype unknown: no .safetensors weights)"
+            note = (
+                "  (base dtype unknown: no .safetensors weights)"
+                if not single
+                else "  (base dtype unknown: .ckpt)"
+            )
         elif base[name] != dtype:
             note = f"  (base model: {_dtype_name(base[name])})"
         print(f"  {name:<15} {_dtype_name(dtype):<9} {human_size(size):>10}{note}")
@@ -579,7 +622,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"--out {out}: {out.suffix or 'no suffix'} is not an image type; use .png, .jpg or .webp"
         )
     _quiet_libraries()
-    pipe = _load_pipeline(_pipeline_dir(args.pipeline), args.dtype, args.device)
+    pipe = _load_pipeline(_base_source(args), args.dtype, args.device)
     names = _load_adapters(pipe, args.adapter)
     generator = torch.Generator(device=args.device or "cpu").manual_seed(args.seed)
     kwargs = {
@@ -640,6 +683,33 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 RAW = argparse.RawDescriptionHelpFormatter
 
 
+BASE_HELP = (
+    "the base model: its diffusers folder, or a single-file checkpoint (.safetensors, or a .ckpt read "
+    "weights-only) with configs from --model-config or the shipped SD1.5/SD2.1/SDXL ones"
+)
+
+
+def _add_single_file_options(p: argparse.ArgumentParser, prediction: bool = False) -> None:
+    """Options for a single-file --pipeline (`single_file.inspect_checkpoint`'s overrides)."""
+    p.add_argument(
+        "--model-config",
+        metavar="DIR",
+        help="single-file base: a local diffusers folder with its configs and tokenizer (default: the shipped "
+        "configs of the detected architecture)",
+    )
+    p.add_argument(
+        "--model-arch",
+        choices=["sd1", "sd2", "sdxl"],
+        help="single-file base: override the detected architecture",
+    )
+    if prediction:
+        p.add_argument(
+            "--prediction-type",
+            choices=["epsilon", "v_prediction"],
+            help="single-file base: override the detected prediction type (SD2.x 512-base vs 768-v)",
+        )
+
+
 def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {PROG} {line}" for line in lines)
 
@@ -672,10 +742,12 @@ def _add_verify(sub) -> None:
         epilog=_examples(
             "verify my_loha.safetensors --pipeline ./stable-diffusion-v1-5",
             "verify my_sdxl_loha.safetensors --pipeline ./sdxl-base --failures-only",
+            "verify my_loha.safetensors --pipeline ./v1-5-pruned-emaonly.safetensors",
         ),
     )
     p.add_argument("file", help="a Kohya/LyCORIS .safetensors file")
-    p.add_argument("--pipeline", required=True, metavar="DIR", help="diffusers folder of the base model")
+    p.add_argument("--pipeline", required=True, metavar="BASE", help=BASE_HELP)
+    _add_single_file_options(p)
     p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance on max|ΔW| (default 1e-5)")
     p.add_argument("--failures-only", action="store_true", help="print only the FAIL rows and the summary")
     p.set_defaults(func=cmd_verify)
@@ -716,7 +788,8 @@ def _add_convert(sub) -> None:
         "--dtype", choices=sorted(PRECISIONS), help="tensor dtype of the output (default: the input's)"
     )
     p.add_argument("--unet-names", choices=["ldm", "diffusers"], help="SDXL UNet name style of the output")
-    p.add_argument("--pipeline", metavar="DIR", help="diffusers folder of the base model (module shapes)")
+    p.add_argument("--pipeline", metavar="BASE", help=BASE_HELP + " (module shapes)")
+    _add_single_file_options(p)
     p.add_argument("--arch", choices=["sd1", "sdxl"], help="without --pipeline: the real SD1.5/SDXL shapes")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_convert)
@@ -733,10 +806,12 @@ def _add_merge(sub) -> None:
         "appears complete or not at all; the command prints each component's dtype and size.",
         epilog=_examples(
             "merge --pipeline ./sd15 --adapter style.safetensors --out ./sd15-style",
+            "merge --pipeline ./my_model.safetensors --model-config ./sd15 --adapter style.safetensors --out ./mix",
             "merge --pipeline ./sd15 --adapter style.safetensors:0.7 --adapter face.safetensors:0.5 --out ./mix --dtype fp16",
         ),
     )
-    p.add_argument("--pipeline", required=True, metavar="DIR", help="diffusers folder of the base model")
+    p.add_argument("--pipeline", required=True, metavar="BASE", help=BASE_HELP)
+    _add_single_file_options(p, prediction=True)
     p.add_argument("--adapter", action="append", required=True, metavar="FILE[:SCALE]", help="repeatable")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     p.add_argument(
@@ -756,11 +831,13 @@ def _add_generate(sub) -> None:
         description="Load the pipeline in --pipeline, add each --adapter FILE[:scale] and render one image.",
         epilog=_examples(
             "generate --pipeline ./sd15 --adapter style.safetensors --prompt 'a red house' --out house.png",
+            "generate --pipeline ./sd_xl_base_1.0.safetensors --prompt 'a cat' --out cat.png",
             "generate --pipeline ./sdxl --adapter a.safetensors:0.8 --prompt 'a cat' --negative-prompt blurry "
             "--steps 30 --seed 7 --device cuda --dtype fp16 --out cat.png",
         ),
     )
-    p.add_argument("--pipeline", required=True, metavar="DIR", help="diffusers folder of the base model")
+    p.add_argument("--pipeline", required=True, metavar="BASE", help=BASE_HELP)
+    _add_single_file_options(p, prediction=True)
     p.add_argument("--adapter", action="append", default=[], metavar="FILE[:SCALE]", help="repeatable")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)

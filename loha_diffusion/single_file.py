@@ -62,6 +62,8 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ConfigError, format_problems
+from .formats.kohya.read import SAFETENSORS_FLOAT_DTYPES
+from .utils import most_common
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ARCHS = ("sd1", "sd2", "sdxl")
@@ -638,6 +640,28 @@ def load_pipeline(
     return StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+
+
+def stored_dtypes(info: CheckpointInfo) -> dict[str, torch.dtype | None]:
+    """The dtype each component is stored in (`pipeline.stored_dtypes` for a single file): `{"unet", "vae",
+    "text_encoder"[, "text_encoder_2"]: the most common floating dtype of its tensors}`, read from the
+    safetensors header only; None for every component of a `.ckpt` (no header to read without loading).
+
+    Raises:
+        ConfigError: the safetensors header cannot be read.
+    """
+    prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, **TEXT_ENCODER_PREFIXES[info.arch]}
+    if info.path.suffix.lower() != ".safetensors":
+        return dict.fromkeys(prefixes)
+    try:
+        with safe_open(str(info.path), framework="pt") as handle:
+            dtypes = {k: SAFETENSORS_FLOAT_DTYPES.get(handle.get_slice(k).get_dtype()) for k in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise _not_a_checkpoint(info.path, f"safetensors: {exc}") from None
+    return {
+        component: most_common(d for k, d in dtypes.items() if k.startswith(prefix) and d is not None)
+        for component, prefix in prefixes.items()
+    }
 
 
 # -- hashes ----------------------------------------------------------------------------------------------------
