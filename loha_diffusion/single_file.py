@@ -244,6 +244,11 @@ def _check_base_model(path: Path, shapes: Mapping[str, tuple[int, ...]]) -> None
             "of `loha-diffusion verify FILE --pipeline BASE`), and as the base model a full checkpoint "
             "(.safetensors with model.diffusion_model.* tensors) or a diffusers folder."
         )
+    if any(name.startswith("conditioner.embedders.0.model.") for name in names):
+        raise ConfigError(
+            f"{path} is an SDXL refiner (one OpenCLIP text encoder, conditioner.embedders.0.model.*): it is no base "
+            "model to train adapters on; use an SDXL base checkpoint (e.g. sd_xl_base_1.0.safetensors)."
+        )
     if not any(name.startswith(UNET_PREFIX) for name in names):
         if any(name.startswith(_DIFFUSERS_MARKERS) for name in names):
             why = (

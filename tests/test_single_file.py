@@ -685,3 +685,32 @@ def test_stored_dtypes_of_a_single_file(
     assert set(S.stored_dtypes(info).values()) == {torch.float16}
     ckpt = S.inspect_checkpoint(tiny_sd1_ckpt, config_dir=tiny_sd1_pipeline_dir)
     assert S.stored_dtypes(ckpt) == {"unet": None, "vae": None, "text_encoder": None}
+
+
+def test_extras_of_real_files_are_ignored(tiny_sd1_single_file, tiny_sd1_pipeline_dir, tmp_path):
+    """Release files also hold CLIP's position_ids, EMA counters and the LDM noise-schedule buffers."""
+    tensors = load_file(str(tiny_sd1_single_file))
+    extras = {
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+        "betas": torch.zeros(1000),
+        "alphas_cumprod": torch.zeros(1000),
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.num_updates": torch.tensor(1, dtype=torch.int32),
+    }
+    save_file({**tensors, **extras}, str(tmp_path / "release.safetensors"))
+    info = S.inspect_checkpoint(tmp_path / "release.safetensors", config_dir=tiny_sd1_pipeline_dir)
+    parts = S.load_components(info, ["unet", "text_encoder"])
+    reference = DiffusionPipeline.from_pretrained(tiny_sd1_pipeline_dir)
+    _assert_same_weights(reference.text_encoder, parts["text_encoder"], "text_encoder")
+
+
+def test_sdxl_refiner_is_refused(tmp_path):
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+            "conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 8),
+        },
+        str(tmp_path / "refiner.safetensors"),
+    )
+    with pytest.raises(ConfigError, match="SDXL refiner"):
+        S.inspect_checkpoint(tmp_path / "refiner.safetensors")
