@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -166,23 +167,23 @@ def _torch_load(path: Path, map_location: str) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
-            needed = (
-                str(exc).split("Unsupported global:")[-1].split("\n")[0].strip()
-                if "global" in str(exc)
-                else ""
-            )
-            raise ConfigError(
-                f"{path} is a pickle that needs more than tensors to load{f' ({needed})' if needed else ''}. "
-                ".ckpt files are loaded only with torch.load(weights_only=True), since unpickling anything "
-                "else can run code from the file. Use the model's .safetensors release, or convert the file "
-                "to .safetensors where you trust it (e.g. load it and save the state dict with safetensors)."
+        text = str(exc)
+        if "weights only" not in text.lower():
+            raise _not_a_checkpoint(
+                path, f"not a torch pickle: {text.splitlines()[0] if text else ''}"
             ) from None
-        raise _not_a_checkpoint(path, f"not a torch pickle: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any failure to parse the file is a bad file here
-        raise _not_a_checkpoint(
-            path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        # torch names the global it refused, e.g. "GLOBAL pytorch_lightning.callbacks...ModelCheckpoint".
+        found = re.search(r"Unsupported global: (\S+(?: \S+)?)", text)
+        needed = f" ({found.group(1)})" if found else ""
+        raise ConfigError(
+            f"{path} is a pickle that needs more than tensors to load{needed}. .ckpt files are loaded only with "
+            "torch.load(weights_only=True), since unpickling anything else can run code from the file. Use the "
+            "model's .safetensors release, or convert the file to .safetensors where you trust it (load it and "
+            "save its state dict with safetensors)."
         ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the file is a bad file here
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise _not_a_checkpoint(path, f"{type(exc).__name__}: {text}") from None
 
 
 def _tensors_of(path: Path, obj: Any) -> dict[str, torch.Tensor]:
@@ -429,14 +430,11 @@ def _load_model(
             state, config=str(info.config_dir), subfolder=component, local_files_only=True, torch_dtype=dtype
         )
     except SingleFileComponentError:
+        fix = "use a complete checkpoint"
+        if component == "vae":
+            fix = "give a separate VAE (pretrained_vae_model_name_or_path, --vae) or " + fix
         raise ConfigError(
-            f"{info.path} has no {component} weights. A base model file holds UNet, VAE and text encoder(s); "
-            + (
-                "give a separate VAE (pretrained_vae_model_name_or_path / --vae)"
-                if component == "vae"
-                else ""
-            )
-            + " or use a complete checkpoint."
+            f"{info.path} has no {component} weights (a base model file holds UNet, VAE and text encoders): {fix}."
         ) from None
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
         missing = _missing_tensors(cls, info, state, component)
@@ -556,9 +554,14 @@ def _load(
     components: Sequence[str],
     torch_dtype: torch.dtype | None,
     scheduler_cls: type | None,
+    given_unet: nn.Module | None = None,
 ) -> tuple[CheckpointInfo, dict[str, Any]]:
     wanted = _check_components(info, components)
     resolve = info.prediction_type is None and ("unet" in wanted or "scheduler" in wanted)
+    if resolve and given_unet is not None:
+        # The caller's UNet is this file's: test it instead of loading another (SD2's 3.4 GB in float32).
+        info = _with_prediction(info, "v_prediction" if detect_v_prediction(given_unet) else "epsilon")
+        resolve = False
     needs_weights = resolve or any(c in WEIGHT_COMPONENTS for c in wanted)
     state = load_state_dict(info.path) if needs_weights else {}
     out: dict[str, Any] = {}
@@ -626,7 +629,8 @@ def load_pipeline(
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """A `StableDiffusionPipeline` (SD1.x/SD2.x) or `StableDiffusionXLPipeline` (SDXL) of a single file, offline;
     no safety checker, no watermarker. The scheduler is the config folder's class (PNDM, DDIM, Euler) with the
-    resolved prediction type. Components passed in (e.g. `unet=` with adapters, `vae=`) are used as given.
+    resolved prediction type. Components passed in (e.g. `unet=` with adapters, `vae=`) are used as given; an
+    SD2.x prediction type still unknown is then tested on the `unet=` given (else on the file's UNet).
 
     Raises:
         ConfigError: a passed component the pipeline does not take; as `load_components`.
@@ -636,7 +640,8 @@ def load_pipeline(
     unknown = sorted(set(components) - set(names))
     if unknown:
         raise ConfigError(f"load_pipeline: {unknown} are not components of an {info.arch} pipeline ({names})")
-    info, parts = _load(info, [n for n in names if n not in components], torch_dtype, None)
+    missing = [n for n in names if n not in components]
+    info, parts = _load(info, missing, torch_dtype, None, components.get("unet"))
     parts.update(components)
     if info.arch == "sdxl":
         index = _read_json(info.config_dir / "model_index.json")

@@ -714,3 +714,19 @@ def test_sdxl_refiner_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match="SDXL refiner"):
         S.inspect_checkpoint(tmp_path / "refiner.safetensors")
+
+
+def test_sd2_pipeline_tests_the_given_unet(tiny_sd2_single_file, tiny_sd2_pipeline_dir, monkeypatch):
+    info = S.inspect_checkpoint(tiny_sd2_single_file, config_dir=tiny_sd2_pipeline_dir)
+    unet = S.load_components(info, ["unet"])["unet"]
+    loaded = []
+    original = S._load_model
+    monkeypatch.setattr(
+        S, "_load_model", lambda cls, i, st, c, d: loaded.append(c) or original(cls, i, st, c, d)
+    )
+    pipe = S.load_pipeline(info, unet=unet)
+    assert loaded == ["vae"]  # no second UNet for the prediction-type test
+    assert pipe.unet is unet and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert pipe.scheduler.config.prediction_type == (
+        "v_prediction" if S.detect_v_prediction(unet) else "epsilon"
+    )
