@@ -687,7 +687,7 @@ def checkpoint_hashes(path: str | os.PathLike) -> dict[str, str]:
     Raises:
         ConfigError: the file does not exist or cannot be read.
     """
-    path = Path(path)
+    path = Path(os.path.expanduser(os.fspath(path)))
     try:
         stat = path.stat()
         key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
