@@ -182,7 +182,9 @@ def test_sdxl_settings_and_kohya_aliases(tmp_path):
         assert flag in helptext
 
 
-def test_resolution_defaults_by_architecture(tiny_sd1_pipeline_dir, tiny_sdxl_pipeline_dir, tmp_path):
+def test_resolution_defaults_by_architecture(
+    tiny_sd1_pipeline_dir, tiny_sd2_pipeline_dir, tiny_sdxl_pipeline_dir, tmp_path
+):
     def cfg(model, **kw):
         return load_config(
             base_flags(model, tmp_path, tmp_path / "out", resolution="none") + ["--max_train_steps", "1"],
@@ -195,6 +197,10 @@ def test_resolution_defaults_by_architecture(tiny_sd1_pipeline_dir, tiny_sdxl_pi
     sd1 = cfg(tiny_sd1_pipeline_dir)
     resolve_arch_defaults(sd1, base_model_arch(sd1))
     assert sd1.resolution == 512
+    sd2 = cfg(tiny_sd2_pipeline_dir)  # its scheduler config says v_prediction, as SD2.1 768-v's does
+    assert base_model_arch(sd2) == "sd2"
+    resolve_arch_defaults(sd2, "sd2")
+    assert sd2.resolution == 768
     for prediction_type, expected in (("v_prediction", 768), ("epsilon", 512)):
         sd2 = cfg(tiny_sd1_pipeline_dir, prediction_type=prediction_type)
         resolve_arch_defaults(sd2, "sd2")

@@ -199,6 +199,10 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     # files, no weights), so the scan can count caption tokens.
     arch = base_model_arch(cfg)
     resolve_arch_defaults(cfg, arch)
+    if cfg.text_encoder_2_lr is not None and not (arch == "sdxl" and cfg.train_text_encoder):
+        logger.warning(
+            "text_encoder_2_lr is ignored: only SDXL with train_text_encoder has a second text encoder"
+        )
     tokenizers = load_tokenizers(cfg)
     summary = scan_training_data(cfg, tokenizers[0])
     logger.info("data: %s", "\n  ".join([summary.describe(), *summary.facts()]))

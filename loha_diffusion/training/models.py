@@ -251,7 +251,7 @@ def single_file_info(cfg: TrainConfig) -> CheckpointInfo | None:
 def arch_of_unet_config(config: Mapping[str, Any], where: str) -> str:
     """The architecture (`ARCHS`) of a diffusers UNet config: SDXL's UNet has the "text_time" added embedding
     (the pooled text embedding and the size/crop time ids), SD2.x's cross-attends to 1024 features (OpenCLIP
-    ViT-H), SD1.x's to 768 (CLIP ViT-L). (The SDXL refiner has no first text encoder: loading it fails there.)
+    ViT-H) through linear projections (`use_linear_projection`), SD1.x's to 768 (CLIP ViT-L) through 1x1 convs. (The SDXL refiner has no first text encoder: loading it fails there.)
 
     Raises:
         ConfigError: a UNet with other added embeddings (not a model the trainer knows), naming `where`.
@@ -264,7 +264,8 @@ def arch_of_unet_config(config: Mapping[str, Any], where: str) -> str:
             f"{where} has a UNet with {added!r} added embeddings; this trainer trains SD1.x, SD2.x and SDXL "
             "base models"
         )
-    return "sd2" if config.get("cross_attention_dim") == 1024 else "sd1"
+    sd2 = config.get("cross_attention_dim") == 1024 or config.get("use_linear_projection", False)
+    return "sd2" if sd2 else "sd1"
 
 
 def base_model_arch(cfg: TrainConfig) -> str:
