@@ -489,6 +489,18 @@ def _complete(model: nn.Module, info: CheckpointInfo, component: str) -> nn.Modu
 _TEXT_ENCODER_CLASSES = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
 
 
+_OLD_CLIP_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _transformers_v4_name(key: str, prefix: str) -> str:
+    """OpenAI-CLIP names as transformers 4 wrote them (`...transformer.text_model.encoder...`): files saved
+    with transformers 3 lack `text_model.`; A1111 renames them the same way (`checkpoint_dict_replacements_sd1`)."""
+    rest = key[len(prefix) :]
+    if prefix.endswith(".transformer.") and rest.startswith(_OLD_CLIP_ROOTS):
+        return f"{prefix}text_model.{rest}"
+    return key
+
+
 def _load_text_encoder(
     info: CheckpointInfo, state: dict[str, torch.Tensor], component: str, dtype: torch.dtype | None
 ) -> nn.Module:
@@ -496,7 +508,7 @@ def _load_text_encoder(
     its own prefix, so SDXL's two encoders cannot be taken for each other (diffusers tells them apart by width,
     which a small model may share)."""
     prefix = TEXT_ENCODER_PREFIXES[info.arch][component]
-    own = {k: v for k, v in state.items() if k.startswith(prefix)}
+    own = {_transformers_v4_name(k, prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not own:
         raise ConfigError(
             f"{info.path} has no {component} tensors ({prefix}*): is model_arch ({info.arch}) right? "

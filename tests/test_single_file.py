@@ -730,3 +730,17 @@ def test_sd2_pipeline_tests_the_given_unet(tiny_sd2_single_file, tiny_sd2_pipeli
     assert pipe.scheduler.config.prediction_type == (
         "v_prediction" if S.detect_v_prediction(unet) else "epsilon"
     )
+
+
+def test_old_clip_names_without_text_model(tiny_sd1_single_file, tiny_sd1_pipeline_dir, tmp_path):
+    """Files saved with transformers 3 name the SD1 encoder without `text_model.` (A1111 renames them too)."""
+    old = {
+        k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+        for k, v in load_file(str(tiny_sd1_single_file)).items()
+    }
+    save_file(old, str(tmp_path / "old.safetensors"))
+    info = S.inspect_checkpoint(tmp_path / "old.safetensors", config_dir=tiny_sd1_pipeline_dir)
+    encoder = S.load_components(info, ["text_encoder"])["text_encoder"]
+    _assert_same_weights(
+        CLIPTextModel.from_pretrained(tiny_sd1_pipeline_dir, subfolder="text_encoder"), encoder, "te"
+    )
