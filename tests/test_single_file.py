@@ -27,8 +27,10 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
     create_diffusers_clip_model_from_ldm,
 )
 from ldm_checkpoint import TEXT_ENCODER_PREFIXES, modules_to_original
@@ -409,6 +411,46 @@ def test_shipped_configs_fit_full_size_checkpoints(name, tmp_path):
     assert {k: tuple(v.shape) for k, v in vae.items()} == {
         k: tuple(v.shape) for k, v in models["vae"].state_dict().items()
     }
+    if arch == "sd2":
+        state.update(_sd2_release_extras())
+    for component, prefix in TEXT_ENCODER_PREFIXES[arch].items():
+        own = {k: v for k, v in state.items() if k.startswith(prefix)}
+        model = models[component]
+        if prefix.endswith(".model."):
+            converted = convert_open_clip_checkpoint(model, own, prefix=prefix)
+        else:
+            converted = convert_ldm_clip_checkpoint(own)
+        if not hasattr(model, "text_model"):  # transformers 5's flat CLIPTextModel, as diffusers' loader does
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == {
+            k: tuple(v.shape) for k, v in model.state_dict().items()
+        }, component
+
+
+def _sd2_release_extras() -> dict[str, torch.Tensor]:
+    """What v2-1_768-ema-pruned has beyond the 23 layers SD2 uses: OpenCLIP-H's last layer (SD2 conditions on
+    the penultimate one), the text projection and logit scale, which diffusers' loader leaves out."""
+    shapes = {
+        "ln_1.weight": (1024,),
+        "ln_1.bias": (1024,),
+        "attn.in_proj_weight": (3072, 1024),
+        "attn.in_proj_bias": (3072,),
+        "attn.out_proj.weight": (1024, 1024),
+        "attn.out_proj.bias": (1024,),
+        "ln_2.weight": (1024,),
+        "ln_2.bias": (1024,),
+        "mlp.c_fc.weight": (4096, 1024),
+        "mlp.c_fc.bias": (4096,),
+        "mlp.c_proj.weight": (1024, 4096),
+        "mlp.c_proj.bias": (1024,),
+    }
+    with torch.device("meta"):
+        extras = {
+            f"cond_stage_model.model.transformer.resblocks.23.{k}": torch.empty(v) for k, v in shapes.items()
+        }
+        extras["cond_stage_model.model.text_projection"] = torch.empty(1024, 1024)
+        extras["cond_stage_model.model.logit_scale"] = torch.empty(())
+    return extras
 
 
 def test_shipped_sd2_folder_follows_the_prediction_type(tmp_path):
