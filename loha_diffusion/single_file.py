@@ -70,7 +70,6 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ARCHS = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 # The configs shipped in base_configs/ (diffusers layout, no weights) and the shared CLIP BPE files.
 SHIPPED = {"sd1": "sd15", "sd2-base": "sd2-base", "sd2-v": "sd2-v", "sdxl": "sdxl-base"}
@@ -215,19 +214,49 @@ def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise _not_a_checkpoint(path, f"safetensors: {exc}") from None
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint on the CPU (`.safetensors` memory-mapped; `.ckpt` weights-only).
+def load_state_dict(
+    path: str | os.PathLike, prefixes: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint on the CPU, all or those whose names start with one of `prefixes` (a
+    `.safetensors` file reads only those; a `.ckpt` is loaded weights-only, memory-mapped when zip-format).
 
     Raises:
         ConfigError: as `read_shapes`.
     """
     path = Path(path)
     if path.suffix.lower() == ".ckpt":
-        return _tensors_of(path, _torch_load(path, "cpu"))
+        tensors = _tensors_of(path, _torch_load(path, "cpu"))
+        return (
+            tensors
+            if prefixes is None
+            else {k: v for k, v in tensors.items() if k.startswith(tuple(prefixes))}
+        )
     try:
-        return load_file(str(path))
+        if prefixes is None:
+            return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(tuple(prefixes))}
     except (SafetensorError, OSError) as exc:
         raise _not_a_checkpoint(path, f"safetensors: {exc}") from None
+
+
+class _Weights:
+    """One component's tensors at a time (a `.safetensors` file is read per component, so an SDXL file's 7 GB
+    are never all in memory next to the models being built; a `.ckpt` is unpickled once)."""
+
+    def __init__(self, info: CheckpointInfo) -> None:
+        self.path = info.path
+        self.prefixes = {"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,)}
+        self.prefixes.update({c: (p,) for c, p in TEXT_ENCODER_PREFIXES[info.arch].items()})
+        self._ckpt: dict[str, torch.Tensor] | None = None
+
+    def of(self, component: str) -> dict[str, torch.Tensor]:
+        prefixes = self.prefixes[component]
+        if self.path.suffix.lower() != ".ckpt":
+            return load_state_dict(self.path, prefixes)
+        if self._ckpt is None:
+            self._ckpt = load_state_dict(self.path)
+        return {k: v for k, v in self._ckpt.items() if k.startswith(prefixes)}
 
 
 # -- what the file is ------------------------------------------------------------------------------------------
@@ -574,11 +603,10 @@ def _load(
         # The caller's UNet is this file's: test it instead of loading another (SD2's 3.4 GB in float32).
         info = _with_prediction(info, "v_prediction" if detect_v_prediction(given_unet) else "epsilon")
         resolve = False
-    needs_weights = resolve or any(c in WEIGHT_COMPONENTS for c in wanted)
-    state = load_state_dict(info.path) if needs_weights else {}
+    weights = _Weights(info)
     out: dict[str, Any] = {}
     if resolve:
-        unet = _load_model(UNet2DConditionModel, info, state, "unet", torch.float32)
+        unet = _load_model(UNet2DConditionModel, info, weights.of("unet"), "unet", torch.float32)
         resolved = _with_prediction(info, "v_prediction" if detect_v_prediction(unet) else "epsilon")
         if "unet" in wanted and resolved.config_dir == info.config_dir:
             out["unet"] = unet.to(torch_dtype) if torch_dtype is not None else unet
@@ -589,9 +617,9 @@ def _load(
             continue
         if component in ("unet", "vae"):
             cls = UNet2DConditionModel if component == "unet" else AutoencoderKL
-            out[component] = _load_model(cls, info, state, component, torch_dtype)
+            out[component] = _load_model(cls, info, weights.of(component), component, torch_dtype)
         elif component.startswith("text_encoder"):
-            out[component] = _load_text_encoder(info, state, component, torch_dtype)
+            out[component] = _load_text_encoder(info, weights.of(component), component, torch_dtype)
         elif component.startswith("tokenizer"):
             out[component] = _load_tokenizer(info, component)
         else:
