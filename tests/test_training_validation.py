@@ -219,9 +219,11 @@ def test_validation_adapter_is_removed_after_an_error(tiny_sd1_pipeline_dir, tmp
     assert VALIDATION_ADAPTER not in list_adapters(validator.pipeline())
 
 
-def test_half_precision_modules_render_in_their_dtypes(tiny_sdxl_pipeline_dir, tmp_path):
-    """bf16 base weights with fp32 adapters and an fp32 VAE (SDXL's default): the render runs in the modules'
-    dtypes and leaves every dtype (the VAE's too: the SDXL pipeline would upcast an fp16 VAE in place) as it was."""
+@pytest.mark.parametrize("vae_dtype", [torch.float32, torch.float16])
+def test_half_precision_modules_render_in_their_dtypes(vae_dtype, tiny_sdxl_pipeline_dir, tmp_path):
+    """bf16 base weights with fp32 adapters, and an fp32 VAE (SDXL's default) or an fp16 one with `force_upcast`:
+    the render runs in the modules' dtypes (the fp16 VAE decodes in fp32, as the SDXL pipeline's `upcast_vae`)
+    and leaves every weight and dtype as it was (the pipeline would leave that VAE upcast)."""
     models = run_models(tiny_sdxl_pipeline_dir, "sdxl")
     add_trained_adapters(models)
     adapter_file = export(models, tmp_path / "a.safetensors")
@@ -229,13 +231,17 @@ def test_half_precision_modules_render_in_their_dtypes(tiny_sdxl_pipeline_dir, t
         model.to(torch.bfloat16)
         for layer in adapter_layers(model).values():
             layer.adapters.float()  # as in training: base weights in the weight dtype, adapters fp32
-    dtypes = {name: p.dtype for m in (models.unet, models.vae) for name, p in m.named_parameters()}
+    models.vae.to(vae_dtype)
+    assert models.vae.config.force_upcast
+    weights = {name: p.clone() for m in (models.unet, models.vae) for name, p in m.named_parameters()}
     validator = make_validator(
         validation_config(tiny_sdxl_pipeline_dir, tmp_path), SimpleNamespace(is_main_process=True), models
     )
     images = validator.images(adapter_file)
     assert len(images) == 1 and np.asarray(images[0]).std() > 0
-    assert dtypes == {name: p.dtype for m in (models.unet, models.vae) for name, p in m.named_parameters()}
+    after = {name: p for m in (models.unet, models.vae) for name, p in m.named_parameters()}
+    assert weights.keys() == after.keys()
+    assert all(weights[k].dtype == after[k].dtype and torch.equal(weights[k], after[k]) for k in weights)
 
 
 def test_inference_scheduler_from_model_index_else_dpm_solver(tmp_path):

@@ -5,7 +5,7 @@ The validation pipeline is built from the run's own modules (UNet, text encoder(
 loaded a second time: a second SD1.5 UNet and text encoder would hold ≈2 GB more on the device in fp16, SDXL's
 ≈6.8 GB. The exported file is loaded into those modules as a second adapter, `VALIDATION_ADAPTER`, which alone
 is active while rendering; afterwards it is deleted and the trained adapter's state (active adapters,
-train/eval modes) is restored exactly (`validation_adapter`). Rendering runs in the modules' own dtypes, as a
+train/eval modes, random states) is restored exactly (`validation_adapter`). Rendering runs in the modules' own dtypes, as a
 user's half-precision pipeline with `load_adapter` does (adapter factors fp32, their delta cast to the layer's
 dtype); the VAE decodes in its own dtype (SDXL's fp32 VAE under fp16 weights).
 """
@@ -178,29 +178,39 @@ def validation_adapter(pipe: Any, adapter_file: str | Path) -> Iterator[None]:
 @torch.no_grad()
 def decode_images(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     """PIL images of `latents` `(B, 4, h, w)` (the pipeline's `output_type="latent"` result), decoded one at a
-    time by the VAE in its own dtype and on its device, as the pipelines decode (SDXL's `latents_mean`/`_std`
-    when the VAE config has them, else division by `scaling_factor`).
+    time on the VAE's device as the pipelines decode (SDXL's `latents_mean`/`_std` when the VAE config has
+    them, else division by `scaling_factor`): in the VAE's dtype, or in float32 for an fp16 VAE whose config
+    says `force_upcast` (the SDXL VAE overflows in fp16; the SDXL pipeline's `upcast_vae`).
 
     Decoding here instead of in the pipeline keeps the VAE as training has it: `StableDiffusionXLPipeline`
-    upcasts an fp16 VAE with `force_upcast` in place (`upcast_vae`) and never casts it back, and the SD1
-    pipeline does not cast fp16 latents for an fp32 VAE."""
+    upcasts such a VAE in place and never casts it back, and the SD1 pipeline does not cast fp16 latents for an
+    fp32 VAE. Here the upcast VAE is cast back to fp16 afterwards, which is exact (fp16 -> fp32 -> fp16)."""
     vae = pipe.vae
-    config = vae.config
+    stored = next(vae.parameters()).dtype
+    upcast = stored == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        return [image for latent in latents.split(1) for image in _decode(pipe, latent)]
+    finally:
+        if upcast:
+            vae.to(stored)
+
+
+def _decode(pipe: Any, latent: torch.Tensor) -> list[Image.Image]:
+    vae, config = pipe.vae, pipe.vae.config
     dtype = next(vae.parameters()).dtype
+    latent = latent.to(device=vae.device, dtype=dtype)
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    images: list[Image.Image] = []
-    for latent in latents.split(1):
-        latent = latent.to(device=vae.device, dtype=dtype)
-        if mean is not None and std is not None:
-            shape = (1, len(mean), 1, 1)
-            mean_t = torch.tensor(mean, device=latent.device, dtype=dtype).view(shape)
-            std_t = torch.tensor(std, device=latent.device, dtype=dtype).view(shape)
-            latent = latent * std_t / config.scaling_factor + mean_t
-        else:
-            latent = latent / config.scaling_factor
-        image = vae.decode(latent, return_dict=False)[0]
-        images += pipe.image_processor.postprocess(image, output_type="pil")
-    return images
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        mean_t = torch.tensor(mean, device=latent.device, dtype=dtype).view(shape)
+        std_t = torch.tensor(std, device=latent.device, dtype=dtype).view(shape)
+        latent = latent * std_t / config.scaling_factor + mean_t
+    else:
+        latent = latent / config.scaling_factor
+    image = vae.decode(latent, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 class Validator:
