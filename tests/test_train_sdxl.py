@@ -353,6 +353,19 @@ def test_sdxl_resume_is_bit_exact_with_both_text_encoders(tiny_sdxl_pipeline_dir
     assert read_metadata(straight.kohya_file)["ss_resolution"] == "(32, 32)"
 
 
+def test_sdxl_resume_applies_a_new_text_encoder_2_lr(tiny_sdxl_pipeline_dir, tmp_path, caplog):
+    data = make_dataset(tmp_path / "data", 2)
+    flags = base_flags(tiny_sdxl_pipeline_dir, data, tmp_path / "out", train_text_encoder="true")
+    flags += ["--checkpointing_steps", "1", "--text_encoder_2_lr", "1e-3"]
+    train(load_config(flags + ["--max_train_steps", "1"]))
+    flags[-1] = "1e-4"
+    with caplog.at_level("INFO", logger="loha_diffusion"):
+        train(load_config(flags + ["--max_train_steps", "2", "--resume_from_checkpoint", "latest"]))
+    assert "resume: text_encoder_2_lr 0.001 → 0.0001, applied from step 2 on" in caplog.text
+    optimizer = read_checkpoint_state(tmp_path / "out" / "checkpoint-2", "optimizer")
+    assert [g["initial_lr"] for g in optimizer["param_groups"]] == [1e-2, 1e-2, 1e-4]
+
+
 def test_sdxl_zero_terminal_snr_with_min_snr_stays_finite(tiny_sdxl_pipeline_dir, tmp_path):
     """As for SD1: a zero-terminal-SNR schedule of 2 timesteps (t=1 has SNR 0), epsilon and min-SNR γ=5."""
     model = shutil.copytree(tiny_sdxl_pipeline_dir, tmp_path / "model")

@@ -2,10 +2,10 @@
 continues the same run.
 
 A checkpoint folder `checkpoint-<step>/` holds the adapter tensors (`unet_adapter.safetensors`,
-`text_encoder_adapter.safetensors`, SDXL's `text_encoder_2_adapter.safetensors`), the optimizer, LR scheduler, fp16 gradient-scaler and per-process RNG
-states (`optimizer.json` + `optimizer.safetensors`, `scheduler.json`, `scaler.json`,
-`random_states_<rank>.json` + `.safetensors`; see `statefile.py`), `train_state.json` (`TrainState`: global
-step, epoch geometry), `run_record.json` (the settings of the run, the fingerprint of its data
+`text_encoder_adapter.safetensors`, SDXL's `text_encoder_2_adapter.safetensors`), the optimizer, LR
+scheduler, fp16 gradient-scaler and per-process RNG states (`optimizer.json` + `optimizer.safetensors`,
+`scheduler.json`, `scaler.json`, `random_states_<rank>.json` + `.safetensors`; see `statefile.py`),
+`train_state.json` (`TrainState`: global step, epoch geometry), `run_record.json` (the settings of the run, the fingerprint of its data
 (`dataset_fingerprint`) and the settings changed by earlier resumes) and, written last, the manifest
 `checkpoint.json` (format version, every file's size and sha256). Nothing is pickled: accelerate's
 `save_state` would write `custom_checkpoint_0.pkl`, which its `load_state` unpickles with `weights_only=False`,
@@ -161,8 +161,8 @@ class TrainState:
 @dataclass(frozen=True)
 class Resumable:
     """What a checkpoint stores besides its run record: the trained models by name (`{"unet": ...,
-    "text_encoder": ..., "text_encoder_2": ...}`, unwrapped; only their adapter tensors are stored), the optimizer and LR scheduler
-    as `accelerator.prepare` returned them, and the `TrainState`."""
+    "text_encoder": ..., "text_encoder_2": ...}`, unwrapped; only their adapter tensors are stored), the
+    optimizer and LR scheduler as `accelerator.prepare` returned them, and the `TrainState`."""
 
     adapters: dict[str, nn.Module]
     optimizer: Any

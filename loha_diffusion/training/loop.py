@@ -111,9 +111,9 @@ class Run:
 
     `models` holds the unwrapped modules (checkpoints, exports and validation read their adapters); `unet`,
     `text_encoder` and `text_encoder_2` (SDXL, else None) are what `accelerator.prepare` returned (the
-    training step calls them; the text encoders are prepared only when trained). `state.global_step` counts optimizer steps, `epoch` is the
-    0-based epoch in progress, `micro_step`/`loss_sum` the micro-batches since the last optimizer step and
-    their summed losses. `fingerprint` identifies the data (`checkpoint.dataset_fingerprint`); `changes` are
+    training step calls them; the text encoders are prepared only when trained). `state.global_step` counts
+    optimizer steps, `epoch` is the 0-based epoch in progress, `micro_step`/`loss_sum` the micro-batches since
+    the last optimizer step and their summed losses. `fingerprint` identifies the data (`checkpoint.dataset_fingerprint`); `changes` are
     the settings resumes changed (`{"after_step", "setting", "old", "new"}`), kept in checkpoints and files."""
 
     cfg: TrainConfig

@@ -50,9 +50,8 @@ HUB_PROBE_TIMEOUT_S = 5.0  # one request to the hub endpoint before a download (
 HUB_PROBE_TTL_S = 60.0  # how long a probe's answer is reused (a run loads six components in a row)
 DEMO_MODEL_PATH = "outputs/tiny-sd"  # the tiny random-weight model of sample_configs/quickstart.toml
 _probes: dict[str, tuple[float, str | None]] = {}  # endpoint -> (time.monotonic(), None or why unreachable)
-_inspected: dict[
-    tuple, CheckpointInfo
-] = {}  # (file, size, mtime, overrides) -> what inspect_checkpoint found
+# (file, size, mtime, overrides) -> what inspect_checkpoint found (a .ckpt is read whole to inspect it)
+_inspected: dict[tuple, CheckpointInfo] = {}
 
 
 def base_model_options() -> str:
@@ -165,8 +164,9 @@ def resolve_base_model(
         return huggingface_hub.snapshot_download(path, revision=revision, local_files_only=True)
     except OSError:  # LocalEntryNotFoundError: not in the cache
         rev = f" at revision {revision!r}" if revision else ""
+        what = "the base model" if key == "pretrained_model_name_or_path" else key
         raise ConfigError(
-            f"cannot load {'the base model' if key == 'pretrained_model_name_or_path' else key} {path!r}{rev}: {why}, and it is not in the local Hugging Face cache "
+            f"cannot load {what} {path!r}{rev}: {why}, and it is not in the local Hugging Face cache "
             f"({hf_constants.HF_HUB_CACHE}); no folder {path!r} exists here either.\n{options}"
         ) from None
 
@@ -251,7 +251,8 @@ def single_file_info(cfg: TrainConfig) -> CheckpointInfo | None:
 def arch_of_unet_config(config: Mapping[str, Any], where: str) -> str:
     """The architecture (`ARCHS`) of a diffusers UNet config: SDXL's UNet has the "text_time" added embedding
     (the pooled text embedding and the size/crop time ids), SD2.x's cross-attends to 1024 features (OpenCLIP
-    ViT-H) through linear projections (`use_linear_projection`), SD1.x's to 768 (CLIP ViT-L) through 1x1 convs. (The SDXL refiner has no first text encoder: loading it fails there.)
+    ViT-H) through linear projections (`use_linear_projection`), SD1.x's to 768 (CLIP ViT-L) through 1x1
+    convs. (The SDXL refiner has no first text encoder: loading it fails there.)
 
     Raises:
         ConfigError: a UNet with other added embeddings (not a model the trainer knows), naming `where`.
