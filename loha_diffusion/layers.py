@@ -254,6 +254,23 @@ class AdapterLayer(nn.Module):
         if not running:
             return self.base_layer(x, *args, **kwargs)
 
+        # accelerate's sequential offload (`cpu_offload`) hooks every module with parameters, the adapters too;
+        # their factors are on `meta` until the hook's `pre_forward`, which only `adapter(...)` would run, and
+        # forward calls their methods instead: run the hooks around the adapter math here.
+        hooked = [a for a in running if getattr(a, "_hf_hook", None) is not None]
+        for adapter in hooked:
+            adapter._hf_hook.pre_forward(adapter)
+        try:
+            return self._adapted_forward(running, x, args, kwargs)
+        finally:
+            for adapter in hooked:
+                adapter._hf_hook.post_forward(adapter, None)
+
+    def _adapted_forward(
+        self, running: list[Adapter], x: torch.Tensor, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """`forward` with the `running` adapters' factors in place: ΔWs summed for the merged (or separate)
+        form, bypasses added after, each scaled by its dropout draw."""
         can_merge = self.can_merge_in_forward(x)
         summed_delta = None
         bypassed = []
