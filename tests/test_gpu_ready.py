@@ -82,7 +82,7 @@ def test_training_forward_backward_stays_on_the_device(layer_name, adapter_name,
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_and_hooked_paths_stay_on_the_device(dtype):
+def test_half_precision_separate_form_stays_on_the_device(dtype):
     layer, x = _layer("conv2d", "lokr", "merged", "meta", dtype)  # the separate form: LoKr has no bypass
     recorder = HostRecorder()
     with recorder:
