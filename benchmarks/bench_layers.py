@@ -107,7 +107,7 @@ def build_case(kind: str, shape: tuple, r: int, cp: bool, dtype: torch.dtype):
     return {name: runner(name) for name in modules}
 
 
-def time_interleaved(runners: dict, repeats: int) -> dict[str, float]:
+def time_interleaved(runners: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
     for run in runners.values():  # warm-up
         run()
     samples = {name: [] for name in runners}
@@ -115,9 +115,9 @@ def time_interleaved(runners: dict, repeats: int) -> dict[str, float]:
     for i in range(repeats):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             runners[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (shared machines)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -137,13 +140,18 @@ def main() -> None:
     cases += [("conv", s, cp) for s in CONV_SHAPES for cp in (False, True)]
     header = f"{'layer':<28}{'r':>4}{'dtype':>6}{'floor ms':>10}{'ours ms':>10}{'peft ms':>10}{'lyco ms':>10}"
     header += f"{'ours/peft':>11}{'ours/lyco':>11}{'ours/floor':>12}"
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, medians of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.clock} clock, medians of {args.repeats}"
+    )
     for dtype_name in args.dtypes:
         for r in args.ranks:
             print(header)
             ratios = {"peft": [], "lycoris": [], "floor": []}
             for kind, shape, cp in cases:
-                times = time_interleaved(build_case(kind, shape, r, cp, DTYPES[dtype_name]), args.repeats)
+                clock = time.process_time if args.clock == "cpu" else time.perf_counter
+                times = time_interleaved(
+                    build_case(kind, shape, r, cp, DTYPES[dtype_name]), args.repeats, clock
+                )
                 if kind == "linear":
                     label = f"linear {shape[0]}->{shape[1]} x{shape[2]}"
                 else:

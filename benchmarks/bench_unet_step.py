@@ -2,27 +2,183 @@
 ours vs PEFT's LoHa vs LyCORIS's LoHa vs the frozen UNet (the floor: forward + backward to the input).
 
 Same targets for all (attention, feed-forward, proj_in/out, resnet convs; the "full" preset), r=8, effective
-conv2d, fp32, batch 1. Runs interleaved in one process and prints medians and ratios. Needs ~12 GB of RAM.
+conv2d (CP) 3×3 convs, batch 1. The base weights are fp32; `--dtype bf16` runs every forward under CPU autocast
+to bfloat16 (the adapter factors stay fp32, as in mixed-precision training). Runs interleaved in one process
+(each repeat times every variant once, in rotating order) and prints medians, the spread (min-max) and the
+ratios to the floor, per repeat and of the medians.
 
-    python benchmarks/bench_unet_step.py --latent 32 --repeats 3 --threads 1
+`--clock cpu` times the process's CPU time instead of the wall clock: on a machine shared with other work,
+with `--threads 1`, it does not count the time other processes hold the core (use it for ratios; wall time is
+what a user waits). `--memory` also measures each variant's peak memory during one step above its memory before
+the step, in a fresh subprocess per variant (the kernel's resident-set high-water mark, reset just before the
+step, with glibc told to return large blocks to the system at once so the mark follows torch's allocations);
+"added" is that peak minus the floor's. Needs ~4 GB of RAM per variant (each holds its own UNet copy).
+
+    python benchmarks/bench_unet_step.py --latent 32 --repeats 3 --threads 1 --clock cpu --memory
+    python benchmarks/bench_unet_step.py --latent 64 --repeats 2 --skip peft lycoris --dtype bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import peft
 import torch
 from lycoris.modules.loha import LohaModule
-from peft import set_peft_model_state_dict
 
 from loha_diffusion import get_adapter_state_dict, inject_adapter
 from loha_diffusion.model import adapter_layers
 from loha_diffusion.targeting import unet_preset
 from loha_diffusion.tiny import build_unet_from_config, full_size_unet_config
+
+VARIANTS = ("floor", "ours", "peft", "lycoris")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+
+def build_variants(names: list[str], rank: int) -> tuple[dict, dict, int]:
+    """`(models, params, n_targets)`: one UNet per variant (same random base weights and adapter factors)
+    and the trainable tensors of each (empty for the floor)."""
+    torch.manual_seed(0)
+    unet = build_unet_from_config(full_size_unet_config("sd1"), device="cpu")
+    unet.requires_grad_(False)
+    config = unet_preset("full", r=rank, alpha=rank, use_effective_conv2d=True, init_weights=False)
+    ours = copy.deepcopy(unet)
+    inject_adapter(ours, config)
+    targets = list(adapter_layers(ours))
+    state = get_adapter_state_dict(ours)
+    models, params = {}, {}
+    if "floor" in names:
+        models["floor"], params["floor"] = unet, []
+    if "ours" in names:
+        models["ours"] = ours
+        params["ours"] = [p for p in ours.parameters() if p.requires_grad]
+    if "peft" in names:
+        theirs = copy.deepcopy(unet)
+        kwargs = {k: v for k, v in config.to_dict().items() if k != "peft_type"}
+        peft.inject_adapter_in_model(peft.LoHaConfig(**kwargs), theirs)
+        peft.set_peft_model_state_dict(theirs, state)
+        models["peft"] = theirs
+        params["peft"] = [p for p in theirs.parameters() if p.requires_grad]
+    if "lycoris" in names:
+        lyco_unet = copy.deepcopy(unet)
+        # LyCORIS's generic wrapper targets modules by class; wrap exactly our targets one by one instead.
+        lyco_params = []
+        for name in targets:
+            lyco = LohaModule(
+                name, lyco_unet.get_submodule(name), 1.0, lora_dim=rank, alpha=rank, use_tucker=True
+            )
+            lyco.apply_to()
+            with torch.no_grad():
+                for key in LOHA_KEYS:
+                    if f"{name}.{key}" in state:
+                        getattr(lyco, key).copy_(state[f"{name}.{key}"])
+            lyco_params += list(lyco.parameters())
+        models["lycoris"], params["lycoris"] = lyco_unet, lyco_params
+    if "ours" not in names:
+        del ours
+    return models, params, len(targets)
+
+
+def make_step(model, params: list, latent: int, dtype: torch.dtype, adamw: str):
+    """A callable running one training step of `model` (the floor when `params` is empty)."""
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(1, 4, latent, latent, generator=generator)
+    hidden = torch.randn(1, 77, 768, generator=generator)
+    options = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **options) if params else None
+
+    def step() -> None:
+        inp = sample.detach().requires_grad_(optimizer is None)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(inp, 500, hidden).sample
+        out.float().square().mean().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_interleaved(steps: dict, repeats: int, clock) -> dict[str, list[float]]:
+    """Seconds per step, `repeats` samples per variant, after one warm-up step each."""
+    for step in steps.values():
+        step()
+    names = list(steps)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = clock()
+            steps[name]()
+            samples[name].append(clock() - start)
+    return samples
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Run in a subprocess: build one variant, take one warm-up step, then print as JSON the resident memory
+    before a second step and the high-water mark during it (bytes)."""
+    models, params, _ = build_variants([args.memory_child], args.rank)
+    step = make_step(
+        models[args.memory_child], params[args.memory_child], args.latent, DTYPES[args.dtype], args.adamw
+    )
+    step()
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current resident size (Linux)
+    step()
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"before": before * 1024, "peak": peak * 1024}))
+
+
+def measure_memory(names: list[str], args: argparse.Namespace) -> dict[str, int]:
+    """Peak bytes above the pre-step resident size, per variant, each in a fresh subprocess."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    peaks = {}
+    for name in names:
+        command = [sys.executable, __file__, "--memory-child", name, "--latent", str(args.latent)]
+        command += ["--rank", str(args.rank), "--dtype", args.dtype, "--adamw", args.adamw]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        reading = json.loads(result.stdout.strip().splitlines()[-1])
+        peaks[name] = reading["peak"] - reading["before"]
+    return peaks
+
+
+def report(samples: dict[str, list[float]], peaks: dict[str, int] | None) -> None:
+    medians = {n: statistics.median(v) for n, v in samples.items()}
+    for n, values in samples.items():
+        ratios = [v / f for v, f in zip(values, samples["floor"])]
+        line = (
+            f"{n:<8} {medians[n]:8.2f} s (spread {min(values):.2f}-{max(values):.2f})   "
+            f"x{medians[n] / medians['floor']:.3f} floor (per repeat {min(ratios):.3f}-{max(ratios):.3f})"
+        )
+        if peaks and n in peaks:
+            line += f"   step peak {peaks[n] / 2**30:.3f} GiB, added {(peaks[n] - peaks['floor']) / 2**30:+.3f} GiB"
+        print(line)
+    for n in ("peft", "lycoris"):
+        if n in medians and "ours" in medians:
+            print(
+                f"ours/{n}: {medians['ours'] / medians[n]:.3f} ({medians[n] / medians['ours']:.2f}x faster)"
+            )
 
 
 def main() -> None:
@@ -33,81 +189,32 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "lycoris"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16: CPU autocast")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
+    parser.add_argument("--adamw", default="default", choices=["default", "foreach", "fused"])
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory per step")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    torch.manual_seed(0)
-    unet = build_unet_from_config(full_size_unet_config("sd1"), device="cpu")
-    unet.requires_grad_(False)
-    config = unet_preset("full", r=args.rank, alpha=args.rank, use_effective_conv2d=True, init_weights=False)
-    sample = torch.randn(1, 4, args.latent, args.latent)
-    hidden = torch.randn(1, 77, 768)
-
-    ours = copy.deepcopy(unet)
-    inject_adapter(ours, config)
-    targets = list(adapter_layers(ours))
-    state = get_adapter_state_dict(ours)
-    models = {"floor": unet, "ours": ours}
-    if "peft" not in args.skip:
-        theirs = copy.deepcopy(unet)
-        kwargs = {k: v for k, v in config.to_dict().items() if k != "peft_type"}
-        peft.inject_adapter_in_model(peft.LoHaConfig(**kwargs), theirs)
-        set_peft_model_state_dict(theirs, state)
-        models["peft"] = theirs
-    if "lycoris" not in args.skip:
-        lyco_unet = copy.deepcopy(unet)
-        # LyCORIS's generic wrapper targets modules by class; wrap exactly our targets one by one instead.
-        lyco_modules = []
-        for name in targets:
-            module = lyco_unet.get_submodule(name)
-            lyco = LohaModule(name, module, 1.0, lora_dim=args.rank, alpha=args.rank, use_tucker=True)
-            lyco.apply_to()
-            with torch.no_grad():
-                for key in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"):
-                    if f"{name}.{key}" in state:
-                        getattr(lyco, key).copy_(state[f"{name}.{key}"])
-            lyco_modules.append(lyco)
-        models["lycoris"] = lyco_unet
-        lyco_params = [p for m in lyco_modules for p in m.parameters()]
-
-    def params_of(name):
-        if name == "lycoris":
-            return lyco_params
-        return [p for p in models[name].parameters() if p.requires_grad]
-
-    optimizers = {n: torch.optim.AdamW(params_of(n), lr=1e-4) for n in models if n != "floor"}
-
-    def step(name):
-        model = models[name]
-        inp = sample.detach().requires_grad_(name == "floor")
-        start = time.perf_counter()
-        out = model(inp, 500, hidden).sample
-        out.float().square().mean().backward()
-        if name in optimizers:
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    names = list(models)
-    samples = {n: [] for n in names}
-    for n in names:
-        step(n)  # warm-up
-    for i in range(args.repeats):
-        for n in names[i % len(names) :] + names[: i % len(names)]:
-            samples[n].append(step(n))
-    medians = {n: statistics.median(v) for n, v in samples.items()}
-    trainable = sum(t.numel() for t in state.values())
+    if args.memory_child:
+        memory_child(args)
+        return
+    names = [n for n in VARIANTS if n not in args.skip]
+    models, params, n_targets = build_variants(names, args.rank)
+    dtype = DTYPES[args.dtype]
+    steps = {n: make_step(models[n], params[n], args.latent, dtype, args.adamw) for n in names}
+    samples = time_interleaved(steps, args.repeats, CLOCKS[args.clock])
+    del steps, models, params
+    gc.collect()
+    peaks = measure_memory(names, args) if args.memory else None
     print(
-        f"SD1.5 UNet, latent {args.latent}, r={args.rank}, {len(targets)} adapted modules, {trainable:,} params"
+        f"SD1.5 UNet, latent {args.latent}, r={args.rank}, {n_targets} adapted modules, {args.dtype}, "
+        f"AdamW {args.adamw}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{args.clock} clock, medians of {args.repeats}"
     )
-    print(f"torch threads {torch.get_num_threads()}, medians of {args.repeats}")
-    for n in names:
-        print(f"{n:<8} {medians[n]:8.2f} s   x{medians[n] / medians['floor']:.2f} floor")
-    for n in ("peft", "lycoris"):
-        if n in medians:
-            print(f"ours/{n}: {medians['ours'] / medians[n]:.2f}")
+    report(samples, peaks)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,7 @@ from torch import nn
 
 from ..functional import loha as loha_fn
 from .base import Adapter, LayerSpec, autocast_dtype
-
-# Relative cost of one multiply-add in the thin rank-r² bypass matmuls against one in the big base-shaped
-# matmul of the merged form (thin GEMMs run below peak). Over many tokens a Linear's thin matmuls run at about
-# half the speed of the square ones (CPU, fp32), so the penalty grows to BYPASS_MAC_PENALTY + LONG_LINEAR_PENALTY
-# at LONG_LINEAR_TOKENS positions; convs keep the base penalty (their merged form pays a slow weight-gradient
-# conv). Fitted with benchmarks/bench_layers.py.
-BYPASS_MAC_PENALTY = 1.3
-LONG_LINEAR_PENALTY = 0.7
-LONG_LINEAR_TOKENS = 4096
-# Cost per out×in element of the merged form's rebuild beyond its 8 rank-r GEMMs: the rebuild writes and
-# rereads out×in tensors many times (memory-bound). Measured on wide convs at r=32 (CPU fp32): ≈ 400
-# multiply-adds per element; it leaves every r=8 choice of benchmarks/bench_layers.py unchanged.
-MERGED_PER_ELEMENT_COST = 400
+from .costs import device_costs
 
 
 class LoHaAdapter(Adapter):
@@ -143,11 +131,29 @@ class LoHaAdapter(Adapter):
     # -- fast path ---------------------------------------------------------------------------------
 
     def bypass_is_cheaper(self, x: torch.Tensor) -> bool:
-        """Cost model in multiply-adds: the merged form pays a base-sized weight-gradient matmul plus the
-        rebuild; the bypass pays rank-r² matmuls proportional to the number of positions."""
+        """The cost model's pick for this call: `prefers_bypass` on `x`'s device, with gradients when autograd
+        is on and the factors require them."""
+        return self.prefers_bypass(x)
+
+    def prefers_bypass(
+        self, x: torch.Tensor, device_type: str | None = None, training: bool | None = None
+    ) -> bool:
+        """Whether the bypass costs less than the merged form for input `x` on a device kind (default
+        `x.device.type`; `x` may be on `meta`), in training (gradients for the factors; default: whether
+        autograd is on and the factors require grad) or not.
+
+        Cost in multiply-adds (docs/cost-model.md), with the device's constants (`costs.device_costs`):
+        bypass `P·r²·(in·k + out)` (CP: `P_in·r²·in + P·r²·(r²·k + out)`) per pass, times 3 in training
+        (forward, input gradient, factor gradients), times the thin-matmul penalty; merged in training
+        `P·out·in·k` (the weight-gradient matmul) `+ (8r + c_train)·out·in·k` (rebuild), without gradients
+        `(2r + c_infer)·out·in·k`. `P` = output positions.
+        """
         spec = self.spec
         if spec.groups != 1 or not spec.zero_padding:
             return False
+        costs = device_costs(x.device.type if device_type is None else device_type)
+        if training is None:
+            training = torch.is_grad_enabled() and self.hada_w1_a.requires_grad
         positions = spec.positions(x)
         out, in_, k, r2 = spec.out_features, spec.in_features, spec.kernel_numel, self.r * self.r
         full = out * in_ * k
@@ -156,13 +162,13 @@ class LoHaAdapter(Adapter):
             bypass = in_positions * r2 * in_ + positions * r2 * (r2 * k + out)
         else:
             bypass = positions * r2 * (in_ * k + out)
-        penalty = BYPASS_MAC_PENALTY
+        penalty = costs.bypass_mac_penalty
         if spec.op == "linear":
-            penalty += LONG_LINEAR_PENALTY * min(1.0, positions / LONG_LINEAR_TOKENS)
+            penalty += costs.long_linear_penalty * min(1.0, positions / costs.long_linear_tokens)
         bypass *= penalty
-        if torch.is_grad_enabled() and self.hada_w1_a.requires_grad:
-            return 3 * bypass < positions * full + (8 * self.r + MERGED_PER_ELEMENT_COST) * full
-        return bypass < (2 * self.r + 3) * full
+        if training:
+            return 3 * bypass < positions * full + (8 * self.r + costs.merged_train_per_element) * full
+        return bypass < (2 * self.r + costs.merged_infer_per_element) * full
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         """Δ(x) as a rank-r² product: `s · (x Qᵀ) Pᵀ` (convs: k×k conv with Q, [CP: 1×1 Q, k×k T], 1×1 P)."""

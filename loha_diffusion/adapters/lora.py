@@ -11,6 +11,7 @@ from torch import nn
 
 from ..functional import lora as lora_fn
 from .base import Adapter, LayerSpec, autocast_dtype
+from .costs import device_costs
 
 
 class LoRAAdapter(Adapter):
@@ -104,8 +105,39 @@ class LoRAAdapter(Adapter):
         )
 
     def bypass_is_cheaper(self, x: torch.Tensor) -> bool:
-        # LoRA's bypass is the standard form (two thin matmuls); merged only pays off with grouped convs.
-        return self.spec.groups == 1 and self.spec.zero_padding
+        """The cost model's pick for this call: `prefers_bypass` on `x`'s device."""
+        return self.prefers_bypass(x)
+
+    def prefers_bypass(
+        self, x: torch.Tensor, device_type: str | None = None, training: bool | None = None
+    ) -> bool:
+        """Whether the bypass (PEFT's form, two thin ops) costs less than the merged form for input `x` on a
+        device kind (default `x.device.type`), in training (default: autograd on and the factors require grad).
+
+        The LoHa model with rank r instead of r² (docs/cost-model.md): bypass `P·r·(in·k + out)` (Tucker:
+        `P_in·r·in + P·r·(r·k + out)`) per pass, ×3 in training, times the device's thin-matmul penalty;
+        merged `P·out·in·k + (3r + c_train)·out·in·k` in training, `(r + c_infer)·out·in·k` without. So the
+        bypass wins unless r approaches the layer's width (in training on many tokens, CPU: r > in·out /
+        (3.9·(in + out)), e.g. r > 41 on a 320×320 Linear); grouped convs have no bypass.
+        """
+        spec = self.spec
+        if spec.groups != 1 or not spec.zero_padding:
+            return False
+        costs = device_costs(x.device.type if device_type is None else device_type)
+        if training is None:
+            training = torch.is_grad_enabled() and self.lora_A.requires_grad
+        positions = spec.positions(x)
+        out, in_, k, r = spec.out_features, spec.in_features, spec.kernel_numel, self.r
+        full = out * in_ * k
+        if self.is_cp:
+            in_positions = x.numel() // max(x.shape[1], 1)
+            bypass = in_positions * r * in_ + positions * r * (r * k + out)
+        else:
+            bypass = positions * r * (in_ * k + out)
+        bypass *= costs.bypass_mac_penalty
+        if training:
+            return 3 * bypass < positions * full + (3 * r + costs.merged_train_per_element) * full
+        return bypass < (r + costs.merged_infer_per_element) * full
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         """`s · B(A(x))` as two (three with Tucker) thin ops, never building ΔW."""
