@@ -35,22 +35,29 @@ def delta_weight_reference(
 
 class HadaWeight(torch.autograd.Function):
     """`scaling · (w1a @ w1b) ⊙ (w2a @ w2b)` that saves only the factors and recomputes the two out×in
-    products in backward, so no out×in tensor stays alive between forward and backward."""
+    products in backward, so no out×in tensor stays alive between forward and backward.
+
+    The scaling is folded into the rank-r factor before each product (`(s·w1a) @ w1b`, an out×r multiply
+    instead of an out×in one) and the Hadamard products are taken in place, so forward writes two out×in
+    tensors and backward three (the plain formula writes four and five): the rebuild is memory-bound, and
+    at r=32 these passes are a large part of the merged form's cost (docs/cost-model.md).
+    """
 
     @staticmethod
     def forward(ctx, w1a, w1b, w2a, w2b, scaling: float):
         ctx.save_for_backward(w1a, w1b, w2a, w2b)
         ctx.scaling = scaling
-        return (w1a @ w1b) * (w2a @ w2b) * scaling
+        return ((w1a * scaling) @ w1b).mul_(w2a @ w2b)
 
     @staticmethod
     def backward(ctx, grad_out):
         w1a, w1b, w2a, w2b = ctx.saved_tensors
-        grad = grad_out * ctx.scaling
-        grad_1 = grad * (w2a @ w2b)
+        s = ctx.scaling
+        # d/d(half 1) = grad · s · (w2a @ w2b), and symmetrically for half 2.
+        grad_1 = ((w2a * s) @ w2b).mul_(grad_out)
         grad_w1a, grad_w1b = grad_1 @ w1b.T, w1a.T @ grad_1
         del grad_1
-        grad_2 = grad * (w1a @ w1b)
+        grad_2 = ((w1a * s) @ w1b).mul_(grad_out)
         grad_w2a, grad_w2b = grad_2 @ w2b.T, w2a.T @ grad_2
         return grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
 
