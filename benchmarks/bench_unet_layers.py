@@ -173,6 +173,11 @@ def main() -> None:
         f"{len(counts)} cases; torch {torch.__version__}, threads {torch.get_num_threads()}, medians of "
         f"{args.repeats}"
     )
+    if args.dtype != "fp32":
+        print(
+            "half precision: the layer always takes the bypass (AdapterLayer.can_merge_in_forward), so the auto, "
+            "merged and bypass columns time the same form and 'miss' marks are noise"
+        )
     print(
         f"{'case':<34}{'n':>4}{'pick':>8}"
         + "".join(f"{f + ' ms':>11}" for f in FORMS)
