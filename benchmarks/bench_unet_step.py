@@ -9,7 +9,8 @@ ratios to the floor, per repeat and of the medians.
 
 `--clock cpu` times the process's CPU time instead of the wall clock: on a machine shared with other work,
 with `--threads 1`, it does not count the time other processes hold the core (use it for ratios; wall time is
-what a user waits). `--memory` also measures each variant's peak memory during one step above its memory before
+what a user waits). `--arch sdxl` times the SDXL base UNet instead (ours against the floor only, on one
+shared UNet with the adapters switched off for the floor; about 20 GB of RAM at `--latent 64`). `--memory` also measures each variant's peak memory during one step above its memory before
 the step, in a fresh subprocess per variant (the kernel's resident-set high-water mark, reset just before the
 step, with glibc told to return large blocks to the system at once so the mark follows torch's allocations);
 "added" is that peak minus the floor's. Needs ~4 GB of RAM per variant (each holds its own UNet copy).
@@ -35,7 +36,7 @@ import torch
 from lycoris.modules.loha import LohaModule
 
 from loha_diffusion import get_adapter_state_dict, inject_adapter
-from loha_diffusion.model import adapter_layers
+from loha_diffusion.model import adapter_layers, disable_adapters, enable_adapters
 from loha_diffusion.targeting import unet_preset
 from loha_diffusion.tiny import build_unet_from_config, full_size_unet_config
 
@@ -45,9 +46,41 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
-def build_variants(names: list[str], rank: int) -> tuple[dict, dict, int]:
+def build_sdxl_variants(names: list[str], rank: int) -> tuple[dict, dict, int]:
+    """SDXL (`--arch sdxl`): ours and the floor on ONE UNet (10 GB in fp32; a copy per variant would not fit
+    in memory): the floor is the same model with its adapters disabled (`disable_adapters`: every adapted
+    layer runs only its base layer). PEFT and LyCORIS are not built."""
+    torch.manual_seed(0)
+    unet = build_unet_from_config(full_size_unet_config("sdxl"), device="cpu")
+    unet.requires_grad_(False)
+    inject_adapter(
+        unet, unet_preset("full", r=rank, alpha=rank, use_effective_conv2d=True, init_weights=False)
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    models = {"floor": Toggled(unet, enabled=False), "ours": Toggled(unet, enabled=True)}
+    return (
+        {n: models[n] for n in names},
+        {"floor": [], "ours": params},
+        len(adapter_layers(unet)),
+    )
+
+
+class Toggled:
+    """A UNet called with its adapters switched on or off first (the SDXL floor shares ours' UNet)."""
+
+    def __init__(self, unet, *, enabled: bool) -> None:
+        self.unet, self.enabled = unet, enabled
+
+    def __call__(self, *args, **kwargs):
+        (enable_adapters if self.enabled else disable_adapters)(self.unet)
+        return self.unet(*args, **kwargs)
+
+
+def build_variants(names: list[str], rank: int, arch: str = "sd1") -> tuple[dict, dict, int]:
     """`(models, params, n_targets)`: one UNet per variant (same random base weights and adapter factors)
     and the trainable tensors of each (empty for the floor)."""
+    if arch == "sdxl":
+        return build_sdxl_variants(names, rank)
     torch.manual_seed(0)
     unet = build_unet_from_config(full_size_unet_config("sd1"), device="cpu")
     unet.requires_grad_(False)
@@ -89,18 +122,26 @@ def build_variants(names: list[str], rank: int) -> tuple[dict, dict, int]:
     return models, params, len(targets)
 
 
-def make_step(model, params: list, latent: int, dtype: torch.dtype, adamw: str):
-    """A callable running one training step of `model` (the floor when `params` is empty)."""
+def make_step(model, params: list, latent: int, dtype: torch.dtype, adamw: str, arch: str = "sd1"):
+    """A callable running one training step of `model` (the floor when `params` is empty). SDXL gets its
+    conditioning: 2048-wide text states, the pooled text embedding and the 6 size/crop time ids."""
     generator = torch.Generator().manual_seed(1)
     sample = torch.randn(1, 4, latent, latent, generator=generator)
-    hidden = torch.randn(1, 77, 768, generator=generator)
+    hidden = torch.randn(1, 77, 2048 if arch == "sdxl" else 768, generator=generator)
+    extra = {}
+    if arch == "sdxl":
+        side = latent * 8
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, 1280, generator=generator),
+            "time_ids": torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32),
+        }
     options = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
     optimizer = torch.optim.AdamW(params, lr=1e-4, **options) if params else None
 
     def step() -> None:
         inp = sample.detach().requires_grad_(optimizer is None)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            out = model(inp, 500, hidden).sample
+            out = model(inp, 500, hidden, **extra).sample
         out.float().square().mean().backward()
         if optimizer is not None:
             optimizer.step()
@@ -134,9 +175,14 @@ def _status_kib(field: str) -> int:
 def memory_child(args: argparse.Namespace) -> None:
     """Run in a subprocess: build one variant, take one warm-up step, then print as JSON the resident memory
     before a second step and the high-water mark during it (bytes)."""
-    models, params, _ = build_variants([args.memory_child], args.rank)
+    models, params, _ = build_variants([args.memory_child], args.rank, args.arch)
     step = make_step(
-        models[args.memory_child], params[args.memory_child], args.latent, DTYPES[args.dtype], args.adamw
+        models[args.memory_child],
+        params[args.memory_child],
+        args.latent,
+        DTYPES[args.dtype],
+        args.adamw,
+        args.arch,
     )
     step()
     gc.collect()
@@ -154,7 +200,16 @@ def measure_memory(names: list[str], args: argparse.Namespace) -> dict[str, int]
     peaks = {}
     for name in names:
         command = [sys.executable, __file__, "--memory-child", name, "--latent", str(args.latent)]
-        command += ["--rank", str(args.rank), "--dtype", args.dtype, "--adamw", args.adamw]
+        command += [
+            "--rank",
+            str(args.rank),
+            "--dtype",
+            args.dtype,
+            "--adamw",
+            args.adamw,
+            "--arch",
+            args.arch,
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -185,6 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"], help="sdxl: ours vs the floor only")
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px images)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -201,16 +257,16 @@ def main() -> None:
     if args.memory_child:
         memory_child(args)
         return
-    names = [n for n in VARIANTS if n not in args.skip]
-    models, params, n_targets = build_variants(names, args.rank)
+    names = [n for n in VARIANTS if n not in args.skip and (args.arch == "sd1" or n in ("floor", "ours"))]
+    models, params, n_targets = build_variants(names, args.rank, args.arch)
     dtype = DTYPES[args.dtype]
-    steps = {n: make_step(models[n], params[n], args.latent, dtype, args.adamw) for n in names}
+    steps = {n: make_step(models[n], params[n], args.latent, dtype, args.adamw, args.arch) for n in names}
     samples = time_interleaved(steps, args.repeats, CLOCKS[args.clock])
     del steps, models, params
     gc.collect()
     peaks = measure_memory(names, args) if args.memory else None
     print(
-        f"SD1.5 UNet, latent {args.latent}, r={args.rank}, {n_targets} adapted modules, {args.dtype}, "
+        f"{'SDXL' if args.arch == 'sdxl' else 'SD1.5'} UNet, latent {args.latent}, r={args.rank}, {n_targets} adapted modules, {args.dtype}, "
         f"AdamW {args.adamw}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{args.clock} clock, medians of {args.repeats}"
     )
