@@ -13,6 +13,9 @@ while the merged form's rebuild is a fixed, memory-bound cost that dominates on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,52 @@ def device_costs(device_type: str) -> DeviceCosts:
     """The cost-model constants for a device kind (`x.device.type`: "cpu", "cuda", ...); kinds without measured
     constants (and `meta`) get `CONSERVATIVE`."""
     return DEVICE_COSTS.get(device_type, CONSERVATIVE)
+
+
+def bypass_is_cheaper(
+    spec: Any,
+    x: torch.Tensor,
+    *,
+    inner_rank: int,
+    rebuild_macs: tuple[int, int],
+    is_cp: bool,
+    training: bool,
+    device_type: str,
+    long_linear: bool = True,
+) -> bool:
+    """The one multiply-add (MAC) model both low-rank kinds decide with (docs/cost-model.md), for a layer of
+    geometry `spec` (`base.LayerSpec`) and input `x` (any device, `meta` too; only its shape is read).
+
+    Args:
+        inner_rank: width of the bypass's thin ops (LoHa: r², LoRA: r).
+        rebuild_macs: MACs per out×in element of the merged form's rank-r matmuls, `(training, inference)`
+            (LoHa: `(8r, 2r)`; LoRA: `(3r, r)`), to which the device's memory-traffic constants are added.
+        is_cp: the CP/Tucker chain (1×1, k×k core, 1×1) instead of one k×k op.
+        training: gradients for the factors are computed (three passes' worth of bypass work; the merged form
+            adds the weight-gradient matmul `P·out·in·k`).
+        device_type: the device kind whose constants apply (`device_costs`).
+        long_linear: apply `long_linear_penalty` to Linears over many tokens (measured for LoHa's rank-r²
+            matmuls on CPU).
+
+    Returns:
+        True when `penalty · bypass` (×3 in training) is below the merged form's cost; False for grouped or
+        non-zero-padded convs (no bypass).
+    """
+    if spec.groups != 1 or not spec.zero_padding:
+        return False
+    costs = device_costs(device_type)
+    positions = spec.positions(x)
+    out, in_, k, rank = spec.out_features, spec.in_features, spec.kernel_numel, inner_rank
+    full = out * in_ * k
+    if is_cp:
+        in_positions = x.numel() // max(x.shape[1], 1)
+        bypass = in_positions * rank * in_ + positions * rank * (rank * k + out)
+    else:
+        bypass = positions * rank * (in_ * k + out)
+    penalty = costs.bypass_mac_penalty
+    if long_linear and spec.op == "linear":
+        penalty += costs.long_linear_penalty * min(1.0, positions / costs.long_linear_tokens)
+    bypass *= penalty
+    if training:
+        return 3 * bypass < positions * full + (rebuild_macs[0] + costs.merged_train_per_element) * full
+    return bypass < (rebuild_macs[1] + costs.merged_infer_per_element) * full

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..functional import loha as loha_fn
 from .base import Adapter, LayerSpec, autocast_dtype
-from .costs import device_costs
+from .costs import bypass_is_cheaper
 
 
 class LoHaAdapter(Adapter):
@@ -142,33 +142,23 @@ class LoHaAdapter(Adapter):
         `x.device.type`; `x` may be on `meta`), in training (gradients for the factors; default: whether
         autograd is on and the factors require grad) or not.
 
-        Cost in multiply-adds (docs/cost-model.md), with the device's constants (`costs.device_costs`):
+        Cost in multiply-adds (docs/cost-model.md), through `costs.bypass_is_cheaper` with the device's constants:
         bypass `P·r²·(in·k + out)` (CP: `P_in·r²·in + P·r²·(r²·k + out)`) per pass, times 3 in training
         (forward, input gradient, factor gradients), times the thin-matmul penalty; merged in training
         `P·out·in·k` (the weight-gradient matmul) `+ (8r + c_train)·out·in·k` (rebuild), without gradients
         `(2r + c_infer)·out·in·k`. `P` = output positions.
         """
-        spec = self.spec
-        if spec.groups != 1 or not spec.zero_padding:
-            return False
-        costs = device_costs(x.device.type if device_type is None else device_type)
         if training is None:
             training = torch.is_grad_enabled() and self.hada_w1_a.requires_grad
-        positions = spec.positions(x)
-        out, in_, k, r2 = spec.out_features, spec.in_features, spec.kernel_numel, self.r * self.r
-        full = out * in_ * k
-        if self.is_cp:
-            in_positions = x.numel() // max(x.shape[1], 1)
-            bypass = in_positions * r2 * in_ + positions * r2 * (r2 * k + out)
-        else:
-            bypass = positions * r2 * (in_ * k + out)
-        penalty = costs.bypass_mac_penalty
-        if spec.op == "linear":
-            penalty += costs.long_linear_penalty * min(1.0, positions / costs.long_linear_tokens)
-        bypass *= penalty
-        if training:
-            return 3 * bypass < positions * full + (8 * self.r + costs.merged_train_per_element) * full
-        return bypass < (2 * self.r + costs.merged_infer_per_element) * full
+        return bypass_is_cheaper(
+            self.spec,
+            x,
+            inner_rank=self.r * self.r,
+            rebuild_macs=(8 * self.r, 2 * self.r),
+            is_cp=self.is_cp,
+            training=training,
+            device_type=x.device.type if device_type is None else device_type,
+        )
 
     def _bypass_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`P (out, r²)`, `Q (r², in·k)` (CP: `(r², in)`) and the CP core `(r², r², *kernel)`: the values of

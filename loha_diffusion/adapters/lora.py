@@ -11,7 +11,7 @@ from torch import nn
 
 from ..functional import lora as lora_fn
 from .base import Adapter, LayerSpec, autocast_dtype
-from .costs import device_costs
+from .costs import bypass_is_cheaper
 
 
 class LoRAAdapter(Adapter):
@@ -120,24 +120,18 @@ class LoRAAdapter(Adapter):
         bypass wins unless r approaches the layer's width (in training on many tokens, CPU: r > in·out /
         (3.9·(in + out)), e.g. r > 41 on a 320×320 Linear); grouped convs have no bypass.
         """
-        spec = self.spec
-        if spec.groups != 1 or not spec.zero_padding:
-            return False
-        costs = device_costs(x.device.type if device_type is None else device_type)
         if training is None:
             training = torch.is_grad_enabled() and self.lora_A.requires_grad
-        positions = spec.positions(x)
-        out, in_, k, r = spec.out_features, spec.in_features, spec.kernel_numel, self.r
-        full = out * in_ * k
-        if self.is_cp:
-            in_positions = x.numel() // max(x.shape[1], 1)
-            bypass = in_positions * r * in_ + positions * r * (r * k + out)
-        else:
-            bypass = positions * r * (in_ * k + out)
-        bypass *= costs.bypass_mac_penalty
-        if training:
-            return 3 * bypass < positions * full + (3 * r + costs.merged_train_per_element) * full
-        return bypass < (r + costs.merged_infer_per_element) * full
+        return bypass_is_cheaper(
+            self.spec,
+            x,
+            inner_rank=self.r,
+            rebuild_macs=(3 * self.r, self.r),
+            is_cp=self.is_cp,
+            training=training,
+            device_type=x.device.type if device_type is None else device_type,
+            long_linear=False,
+        )
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         """`s · B(A(x))` as two (three with Tucker) thin ops, never building ΔW."""
