@@ -168,9 +168,11 @@ def test_nan_loss_message_names_the_causes_for_the_settings(tiny_sd1_pipeline_di
     assert f"Fix it, then resume from {tmp_path / 'out' / 'checkpoint-1'}" in message
 
 
-def test_zero_terminal_snr_with_min_snr_stays_finite(tiny_sd1_pipeline_dir, tmp_path):
-    """Epsilon prediction, min-SNR γ=5, a zero-terminal-SNR schedule of 2 timesteps: t=1 (SNR 0) is drawn."""
-    model = shutil.copytree(tiny_sd1_pipeline_dir, tmp_path / "model")
+@pytest.mark.parametrize("pipeline_dir", ["tiny_sd1_pipeline_dir", "tiny_sdxl_pipeline_dir"])
+def test_zero_terminal_snr_with_min_snr_stays_finite(pipeline_dir, request, tmp_path):
+    """Epsilon prediction, min-SNR γ=5, a zero-terminal-SNR schedule of 2 timesteps: t=1 (SNR 0) is drawn;
+    SDXL behaves as SD1."""
+    model = shutil.copytree(request.getfixturevalue(pipeline_dir), tmp_path / "model")
     config_file = model / "scheduler" / "scheduler_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "num_train_timesteps": 2, "rescale_betas_zero_snr": True}))
