@@ -366,6 +366,7 @@ def test_sdxl_resume_applies_a_new_text_encoder_2_lr(tiny_sdxl_pipeline_dir, tmp
     assert [g["initial_lr"] for g in optimizer["param_groups"]] == [1e-2, 1e-2, 1e-4]
 
 
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_training_from_a_single_file_checkpoint(arch, request, tmp_path):
     """A few steps from the tiny `.safetensors` checkpoint (its folder's configs as `model_config`) train the
     same adapter as from the diffusers folder. The loaded weights are the folder's exactly (tests of
