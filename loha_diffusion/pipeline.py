@@ -348,7 +348,7 @@ def stored_dtypes(pipeline_dir: str | os.PathLike) -> dict[str, torch.dtype | No
         )
         if not files and not any(folder.glob("*.bin")):
             continue  # a tokenizer or scheduler: no weights
-        dtypes = [dtype for file in files for dtype in stored_dtypes_of(file)]
+        dtypes = [dtype for file in files for dtype in stored_dtypes_of(file).values()]
         result[folder.name] = most_common(dtype for dtype in dtypes if dtype is not None)
     return result
 

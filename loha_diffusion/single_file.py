@@ -63,7 +63,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ConfigError, format_problems
-from .formats.kohya.read import SAFETENSORS_FLOAT_DTYPES
+from .formats.kohya.read import stored_dtypes_of
 from .utils import most_common
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -704,8 +704,7 @@ def stored_dtypes(info: CheckpointInfo) -> dict[str, torch.dtype | None]:
     if info.path.suffix.lower() != ".safetensors":
         return dict.fromkeys(prefixes)
     try:
-        with safe_open(str(info.path), framework="pt") as handle:
-            dtypes = {k: SAFETENSORS_FLOAT_DTYPES.get(handle.get_slice(k).get_dtype()) for k in handle.keys()}
+        dtypes = stored_dtypes_of(info.path)
     except (SafetensorError, OSError) as exc:
         raise _not_a_checkpoint(info.path, f"safetensors: {exc}") from None
     return {

@@ -335,7 +335,7 @@ def peft_dtype(src: str | os.PathLike) -> torch.dtype:
     """The dtype of the first tensor of the first `adapter_model.safetensors` under `src` (float16, bfloat16,
     else float32)."""
     for weights in sorted(Path(src).rglob("adapter_model.safetensors")):
-        dtypes = stored_dtypes_of(weights)
+        dtypes = list(stored_dtypes_of(weights).values())
         if dtypes:
             return dtypes[0] if dtypes[0] in (torch.float16, torch.bfloat16) else torch.float32
     return torch.float32

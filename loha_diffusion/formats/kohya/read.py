@@ -395,15 +395,15 @@ SAFETENSORS_FLOAT_DTYPES = {
 }
 
 
-def stored_dtypes_of(path: str | os.PathLike) -> list[torch.dtype | None]:
-    """The dtype of each tensor of the `.safetensors` file `path`, in the file's key order, read from the header
+def stored_dtypes_of(path: str | os.PathLike) -> dict[str, torch.dtype | None]:
+    """`{tensor name: dtype}` of the `.safetensors` file `path`, in the file's key order, read from the header
     only (no tensor data): a floating torch dtype, or None for any other (integer, bool, float8).
 
     Raises:
         OSError, safetensors' errors: the file cannot be read.
     """
     with safe_open(str(path), framework="pt") as f:
-        return [SAFETENSORS_FLOAT_DTYPES.get(f.get_slice(key).get_dtype()) for key in f.keys()]
+        return {key: SAFETENSORS_FLOAT_DTYPES.get(f.get_slice(key).get_dtype()) for key in f.keys()}
 
 
 def read_safetensors(
