@@ -14,12 +14,12 @@ import argparse
 import copy
 import math
 import statistics
-import time
 
 import peft
 import torch
 from lycoris.modules.loha import LohaModule
 from peft import set_peft_model_state_dict
+from timing import CLOCKS, medians, time_interleaved
 from torch import nn
 
 from loha_diffusion import LoHaConfig, get_adapter_state_dict, inject_adapter
@@ -107,20 +107,6 @@ def build_case(kind: str, shape: tuple, r: int, cp: bool, dtype: torch.dtype):
     return {name: runner(name) for name in modules}
 
 
-def time_interleaved(runners: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
-    for run in runners.values():  # warm-up
-        run()
-    samples = {name: [] for name in runners}
-    names = list(runners)
-    for i in range(repeats):
-        order = names[i % len(names) :] + names[: i % len(names)]
-        for name in order:
-            start = clock()
-            runners[name]()
-            samples[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,7 +115,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument(
-        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (shared machines)"
+        "--clock", default="wall", choices=sorted(CLOCKS), help="cpu: process CPU time (shared machines)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
@@ -148,9 +134,10 @@ def main() -> None:
             print(header)
             ratios = {"peft": [], "lycoris": [], "floor": []}
             for kind, shape, cp in cases:
-                clock = time.process_time if args.clock == "cpu" else time.perf_counter
-                times = time_interleaved(
-                    build_case(kind, shape, r, cp, DTYPES[dtype_name]), args.repeats, clock
+                times = medians(
+                    time_interleaved(
+                        build_case(kind, shape, r, cp, DTYPES[dtype_name]), args.repeats, CLOCKS[args.clock]
+                    )
                 )
                 if kind == "linear":
                     label = f"linear {shape[0]}->{shape[1]} x{shape[2]}"

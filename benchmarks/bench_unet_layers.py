@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
-import time
 
 import torch
+from timing import CLOCKS, medians, time_interleaved
 from torch import nn
 
 from loha_diffusion import LoHaConfig, inject_adapter
@@ -109,19 +108,6 @@ def build_runners(key: tuple, rank: int, dtype: torch.dtype) -> dict:
     return {form: runner(form) for form in FORMS}
 
 
-def time_interleaved(runners: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
-    for run in runners.values():
-        run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            start = clock()
-            runners[name]()
-            samples[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def auto_choice(key: tuple, rank: int) -> str:
     """The form the cost model picks for the case (in training, with gradients)."""
     op, weight_shape, stride, padding, input_shape = key
@@ -161,7 +147,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (shared machines)"
+        "--clock", default="wall", choices=sorted(CLOCKS), help="cpu: process CPU time (shared machines)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
@@ -185,8 +171,8 @@ def main() -> None:
     )
     totals = collections.Counter()
     for key, n in sorted(counts.items(), key=lambda kv: label(kv[0])):
-        clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        times = time_interleaved(build_runners(key, args.rank, DTYPES[args.dtype]), args.repeats, clock)
+        runners = build_runners(key, args.rank, DTYPES[args.dtype])
+        times = medians(time_interleaved(runners, args.repeats, CLOCKS[args.clock]))
         pick = auto_choice(key, args.rank)
         best = "merged" if times["merged"] <= times["bypass"] else "bypass"
         for form in FORMS:

@@ -29,11 +29,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import peft
 import torch
 from lycoris.modules.loha import LohaModule
+from timing import CLOCKS, time_interleaved
 
 from loha_diffusion import get_adapter_state_dict, inject_adapter
 from loha_diffusion.model import adapter_layers, disable_adapters, enable_adapters
@@ -42,7 +42,6 @@ from loha_diffusion.tiny import build_unet_from_config, full_size_unet_config
 
 VARIANTS = ("floor", "ours", "peft", "lycoris")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
@@ -148,20 +147,6 @@ def make_step(model, params: list, latent: int, dtype: torch.dtype, adamw: str, 
             optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def time_interleaved(steps: dict, repeats: int, clock) -> dict[str, list[float]]:
-    """Seconds per step, `repeats` samples per variant, after one warm-up step each."""
-    for step in steps.values():
-        step()
-    names = list(steps)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            start = clock()
-            steps[name]()
-            samples[name].append(clock() - start)
-    return samples
 
 
 def _status_kib(field: str) -> int:
