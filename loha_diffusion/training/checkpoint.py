@@ -94,13 +94,34 @@ REFUSED_ON_RESUME: dict[str, str] = {
     "seed": "the sample order, augmentation, noise, timesteps and dropout masks",
     **dict.fromkeys(("train_batch_size", "gradient_accumulation_steps", "num_processes"), _GEOMETRY),
     **dict.fromkeys(
-        ("resolution", "center_crop", "random_flip", "caption_dropout_rate", "background_color"), _SAMPLES
+        (
+            "resolution",
+            "center_crop",
+            "random_flip",
+            "caption_dropout_rate",
+            "background_color",
+            "enable_bucket",
+            "min_bucket_reso",
+            "max_bucket_reso",
+            "bucket_reso_steps",
+            "bucket_no_upscale",
+            "shuffle_caption",
+            "caption_separator",
+            "keep_tokens",
+            "keep_tokens_separator",
+            "caption_tag_dropout_rate",
+            "caption_prefix",
+            "caption_suffix",
+        ),
+        _SAMPLES,
     ),
+    "reg_data_dir": "the regularization samples interleaved with the training samples",
     **dict.fromkeys(_ADAPTER_SETTINGS, _ADAPTER),
-    **dict.fromkeys(("prediction_type", "snr_gamma", "noise_offset"), _OBJECTIVE),
+    **dict.fromkeys(("prediction_type", "snr_gamma", "noise_offset", "prior_loss_weight"), _OBJECTIVE),
+    **dict.fromkeys(("max_token_length", "clip_skip"), "the text conditioning the adapter learns from"),
     "model_arch": "the base model's architecture (its text encoders and conditioning)",
     "pretrained_vae_model_name_or_path": "the latents the UNet learns to denoise",
-    "use_8bit_adam": "the optimizer state's format",
+    **dict.fromkeys(("optimizer_type", "optimizer_args"), "the optimizer and its state's format"),
 }
 # Settings a resume applies from the resumed step on (the loop logs each change and records it in the file).
 OPTIMIZER_SETTINGS = (

@@ -12,6 +12,7 @@ command line with this module before it loads any of them, so `--help` and mista
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import importlib.util
@@ -32,6 +33,19 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser as the `tomli` package (a dependency there)
     import tomli as tomllib
 
+OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Adafactor", "Lion", "Prodigy")
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya's --max_token_length: 1, 2 or 3 chunks of 75 tokens
+# Keys of one `[[validation_prompts]]` table and their types (`check_validation_prompts`).
+VALIDATION_PROMPT_KEYS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "negative_prompt": (str,),
+    "seed": (int,),
+    "width": (int,),
+    "height": (int,),
+    "num_inference_steps": (int,),
+    "guidance_scale": (int, float),
+    "num_images": (int,),
+}
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -118,6 +132,7 @@ class TrainConfig:
     rank_pattern: dict[str, int] = _f(help="per-module rank overrides, {name regex: rank}", factory=dict)
     alpha_pattern: dict[str, float] = _f(help="per-module alpha overrides, {name regex: alpha}", factory=dict)
     train_text_encoder: bool = _f(False, "also train an adapter on the text encoder (SDXL: on both)")
+    unet_lr: float | None = _f(None, "learning rate of the UNet adapter (default: learning_rate)")
     text_encoder_lr: float | None = _f(
         None,
         "learning rate of the text encoder adapter (SDXL: the first, CLIP ViT-L) (default: learning_rate)",
@@ -138,9 +153,69 @@ class TrainConfig:
         "training resolution in pixels (square, divisible by 8) (default: the architecture's: 512 SD1.x, "
         "768 SD2.x v-prediction, 512 SD2.x epsilon, 1024 SDXL)",
     )
-    center_crop: bool = _f(False, "center crop instead of random crop")
-    random_flip: bool = _f(False, "randomly flip images horizontally")
+    center_crop: bool | None = _f(
+        None,
+        "center crop instead of random crop (default: center with enable_bucket or cache_latents, as kohya; "
+        "random otherwise, as diffusers; kohya's random_crop = true means center_crop = false)",
+    )
+    random_flip: bool = _f(False, "randomly flip images horizontally", aliases=("flip_aug",))
+    enable_bucket: bool = _f(
+        False, "aspect-ratio buckets: batches of one bucket, images resized to cover it and cropped (kohya)"
+    )
+    min_bucket_reso: int | None = _f(None, "smallest bucket side in pixels (default: resolution / 2)")
+    max_bucket_reso: int | None = _f(None, "largest bucket side in pixels (default: 2 x resolution)")
+    bucket_reso_steps: int = _f(64, "bucket sides are multiples of this many pixels (a multiple of 8)")
+    bucket_no_upscale: bool = _f(
+        False, "never upscale: an image smaller than resolution^2 pixels gets a bucket of its own size"
+    )
+    cache_latents: bool = _f(
+        False,
+        "encode each image with the VAE once, before training (needs a fixed crop; with random_flip both "
+        "flips are cached)",
+    )
+    cache_latents_to_disk: bool = _f(
+        False, "keep the latent cache on disk (cache_dir) across runs; implies cache_latents"
+    )
+    cache_text_encoder_outputs: bool = _f(
+        False,
+        "encode each caption with the text encoder(s) once, before training (not with train_text_encoder, "
+        "shuffle_caption or caption_tag_dropout_rate)",
+    )
+    cache_text_encoder_outputs_to_disk: bool = _f(
+        False, "keep the text-encoder cache on disk (cache_dir); implies cache_text_encoder_outputs"
+    )
+    cache_dir: str | None = _f(
+        None, "folder of the on-disk caches (default: .loha_cache inside train_data_dir)"
+    )
+    vae_batch_size: int = _f(1, "images per VAE call while caching latents")
     caption_dropout_rate: float = _f(0.0, "probability of training a sample with an empty caption")
+    shuffle_caption: bool = _f(False, "shuffle the caption's tags (split at caption_separator) per sample")
+    caption_separator: str = _f(",", "what separates the tags of a caption (kohya)")
+    keep_tokens: int = _f(0, "the first N tags stay first and are never shuffled or dropped (kohya)")
+    keep_tokens_separator: str = _f(
+        "",
+        "a marker in the caption: the tags before it stay in place (kohya; overrides keep_tokens where found)",
+    )
+    caption_tag_dropout_rate: float = _f(0.0, "probability of dropping each (not kept) tag per sample")
+    caption_prefix: str | None = _f(None, "text put before every caption (kept in place)")
+    caption_suffix: str | None = _f(None, "text put after every caption (kept in place)")
+    reg_data_dir: str | None = _f(
+        None,
+        "regularization images for prior preservation (kohya '<N>_<class>' folders or a flat folder), "
+        "interleaved with the training samples as kohya does",
+    )
+    prior_loss_weight: float = _f(1.0, "loss weight of regularization samples")
+    max_token_length: int | None = _f(
+        None,
+        "caption length in tokens: 75 (CLIP's one window) or 150/225, encoded in chunks of 75 as kohya "
+        "(default: 75)",
+        choices=MAX_TOKEN_LENGTHS,
+    )
+    clip_skip: int | None = _f(
+        None,
+        "use the text encoder's hidden state this many layers from the end, with its final layer norm "
+        "(kohya/A1111: 2 = penultimate; default: 1, the last; SD1.x/SD2.x only)",
+    )
     on_missing_caption: str = _f(
         "error",
         "what to do with an image without caption: stop, skip it with a warning, or use the kohya folder's concept",
@@ -168,13 +243,22 @@ class TrainConfig:
     learning_rate: float = _f(1e-4, "learning rate of the UNet adapter")
     lr_scheduler: str = _f("constant", "diffusers learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _f(0, "warm-up optimizer steps")
-    lr_num_cycles: int = _f(1, "cycles of cosine_with_restarts")
-    lr_power: float = _f(1.0, "power of the polynomial schedule")
+    lr_num_cycles: int = _f(1, "cycles of cosine_with_restarts", aliases=("lr_scheduler_num_cycles",))
+    lr_power: float = _f(1.0, "power of the polynomial schedule", aliases=("lr_scheduler_power",))
     max_train_steps: int | None = _f(None, "optimizer steps to train (overrides num_train_epochs)")
     num_train_epochs: int | None = _f(
         None, "epochs to train when max_train_steps is not set", aliases=("max_train_epochs",)
     )
-    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes)")
+    optimizer_type: str = _f(
+        "AdamW",
+        "optimizer (kohya names, any case): AdamW (torch), AdamW8bit (bitsandbytes), Adafactor "
+        "(transformers), Lion (lion-pytorch), Prodigy (prodigyopt)",
+        choices=OPTIMIZER_TYPES,
+    )
+    optimizer_args: list[str] = _f(
+        help="extra optimizer arguments as key=value (kohya), e.g. weight_decay=0.1 betas=0.9,0.99",
+        factory=list,
+    )
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
@@ -210,7 +294,21 @@ class TrainConfig:
     )
     # --- validation ---
     validation_prompt: list[str] = _f(help="prompts rendered into the validation grid", factory=list)
-    validation_steps: int | None = _f(None, "render validation every N optimizer steps (always at the end)")
+    validation_prompts: list[dict[str, Any]] = _f(
+        help="validation prompts with their own settings: a TOML array of tables [[validation_prompts]] with "
+        "prompt and optional negative_prompt, seed, width, height, num_inference_steps, guidance_scale, "
+        "num_images",
+        factory=list,
+    )
+    validation_negative_prompt: str = _f("", "negative prompt of the validation_prompt images")
+    validation_steps: int | None = _f(
+        None,
+        "render validation every N optimizer steps (always at the end)",
+        aliases=("sample_every_n_steps",),
+    )
+    validation_epochs: int | None = _f(
+        None, "render validation every N epochs", aliases=("sample_every_n_epochs",)
+    )
     num_validation_images: int = _f(2, "images per validation prompt")
     validation_num_inference_steps: int = _f(25, "sampler steps of validation images")
     validation_guidance_scale: float = _f(7.5, "classifier-free guidance of validation images")
@@ -256,6 +354,7 @@ class TrainConfig:
             "lr_num_cycles",
             "num_validation_images",
             "validation_num_inference_steps",
+            "vae_batch_size",
         ):
             _check(name, getattr(self, name), lambda v: v >= 1, ">= 1")
         for name in (
@@ -270,6 +369,10 @@ class TrainConfig:
             "resolution",
             "validation_resolution",
             "max_image_pixels",
+            "validation_epochs",
+            "clip_skip",
+            "min_bucket_reso",
+            "max_bucket_reso",
         ):
             _check(name, getattr(self, name), lambda v: v is None or v >= 1, ">= 1 (or unset)")
         for name in (
@@ -278,15 +381,17 @@ class TrainConfig:
             "noise_offset",
             "max_grad_norm",
             "adam_weight_decay",
+            "keep_tokens",
+            "prior_loss_weight",
         ):
             _check(name, getattr(self, name), lambda v: v >= 0, ">= 0")
-        for name in ("rank_dropout", "module_dropout", "caption_dropout_rate"):
+        for name in ("rank_dropout", "module_dropout", "caption_dropout_rate", "caption_tag_dropout_rate"):
             _check(name, getattr(self, name), lambda v: 0 <= v < 1, "in [0, 1)")
         for name in ("adam_beta1", "adam_beta2"):
             _check(name, getattr(self, name), lambda v: 0 <= v < 1, "in [0, 1)")
         for name in ("learning_rate", "adam_epsilon"):
             _check(name, getattr(self, name), lambda v: v > 0 and math.isfinite(v), "> 0")
-        for name in ("alpha", "conv_alpha", "text_encoder_lr", "text_encoder_2_lr", "snr_gamma"):
+        for name in ("alpha", "conv_alpha", "unet_lr", "text_encoder_lr", "text_encoder_2_lr", "snr_gamma"):
             _check(
                 name,
                 getattr(self, name),
@@ -297,13 +402,18 @@ class TrainConfig:
             _check(f"rank_pattern[{key!r}]", value, lambda v: v >= 1, ">= 1")
         for key, value in self.alpha_pattern.items():
             _check(f"alpha_pattern[{key!r}]", value, lambda v: v > 0, "> 0")
-        for name in ("resolution", "validation_resolution"):
+        for name in ("resolution", "validation_resolution", "bucket_reso_steps"):
             value = getattr(self, name)
             if value is not None and value % 8:
                 raise ConfigError(
                     f"{name} = {value} is not divisible by 8 (the VAE downsamples by 8); "
-                    f"use {value // 8 * 8} or {value // 8 * 8 + 8}"
+                    f"use {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}"
                 )
+        if not self.caption_separator:
+            raise ConfigError("caption_separator is empty; use ',' (kohya's default) or another separator")
+        parse_optimizer_args(self.optimizer_args)
+        check_validation_prompts(self.validation_prompts)
+        self._resolve_and_check_caches()
         if not self.caption_extension.startswith("."):
             raise ConfigError(
                 f"caption_extension = {self.caption_extension!r} must start with a dot, e.g. '.txt'"
@@ -318,11 +428,55 @@ class TrainConfig:
         check_packages(self)
         check_output_paths(self)
 
+    def _resolve_and_check_caches(self) -> None:
+        """Resolve `center_crop` and the `_to_disk` implications, and refuse cache settings that would serve
+        stale data: a latent cache with per-step random crops, a text-encoder cache with captions that change
+        per step or a trained text encoder.
+
+        Raises:
+            ConfigError: naming both settings of an incompatible pair and the fix.
+        """
+        self.cache_latents = self.cache_latents or self.cache_latents_to_disk
+        self.cache_text_encoder_outputs = (
+            self.cache_text_encoder_outputs or self.cache_text_encoder_outputs_to_disk
+        )
+        if self.center_crop is None:  # kohya crops at the centre (random_crop off); diffusers at random
+            self.center_crop = self.enable_bucket or self.cache_latents
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError(
+                "cache_latents cannot be used with random crops (center_crop = false, kohya's random_crop): a "
+                "cached latent holds one crop. Set center_crop = true, or drop cache_latents"
+            )
+        if self.cache_text_encoder_outputs:
+            changing = [
+                (
+                    "train_text_encoder",
+                    self.train_text_encoder,
+                    "the text encoder's output changes every step",
+                ),
+                ("shuffle_caption", self.shuffle_caption, "the caption changes every step"),
+                (
+                    "caption_tag_dropout_rate",
+                    self.caption_tag_dropout_rate > 0,
+                    "the caption changes every step",
+                ),
+            ]
+            for key, on, why in changing:
+                if on:
+                    raise ConfigError(
+                        f"cache_text_encoder_outputs cannot be used with {key} ({why}); drop one of the two"
+                    )
+
     # --- derived values (one place, so the loop, the plan and the exporters agree) ---
     @property
     def effective_alpha(self) -> float:
         """Alpha of the attention/linear adapters: `alpha`, or `rank` when unset (scale 1)."""
         return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def effective_unet_lr(self) -> float:
+        """Learning rate of the UNet adapter: `unet_lr`, or `learning_rate` when unset (kohya's rule)."""
+        return self.learning_rate if self.unet_lr is None else self.unet_lr
 
     @property
     def effective_conv_rank(self) -> int:
@@ -367,6 +521,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)  # JSON scalars are valid TOML (strings are JSON-escaped, a TOML subset)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (the [[validation_prompts]] entries)
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
@@ -396,6 +552,73 @@ def parse_color(text: str, key: str = "background_color") -> tuple[int, int, int
     )
 
 
+def canonical_optimizer_type(name: str) -> str:
+    """`name` spelled as in `OPTIMIZER_TYPES` when it matches one without regard to case (kohya compares
+    optimizer names that way: "adamw8bit", "prodigy"), else unchanged (the choice check then names it)."""
+    return next((known for known in OPTIMIZER_TYPES if known.lower() == name.lower()), name)
+
+
+def parse_optimizer_args(items: list[str]) -> dict[str, Any]:
+    """kohya's `optimizer_args` (`["weight_decay=0.1", "betas=0.9,0.99", "relative_step=False"]`) as a dict;
+    values are Python literals as kohya reads them (`ast.literal_eval`: numbers, True/False/None, tuples,
+    strings), anything else stays a string.
+
+    Raises:
+        ConfigError: an item is not `key=value`, or a key is given twice.
+    """
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(
+                f"optimizer_args item {item!r} is not key=value (e.g. weight_decay=0.01 or betas=0.9,0.99)"
+            )
+        if key in args:
+            raise ConfigError(f"optimizer_args sets {key!r} twice; give it once")
+        try:
+            args[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            args[key] = text.strip()
+    return args
+
+
+def check_validation_prompts(tables: list[dict[str, Any]]) -> None:
+    """Check the `[[validation_prompts]]` tables: each has a non-empty `prompt`, only keys of
+    `VALIDATION_PROMPT_KEYS` with their types, and positive sizes (multiples of 8), steps, image counts and
+    a guidance scale >= 0.
+
+    Raises:
+        ConfigError: naming the table (1-based) and the key.
+    """
+    for number, table in enumerate(tables, start=1):
+        where = f"validation_prompts table {number}"
+        if not isinstance(table, dict):
+            raise ConfigError(f'{where} is not a table; write [[validation_prompts]] with prompt = "..."')
+        if not isinstance(table.get("prompt"), str) or not table["prompt"].strip():
+            raise ConfigError(f'{where} has no prompt; add prompt = "..."')
+        for key, value in table.items():
+            if key not in VALIDATION_PROMPT_KEYS:
+                close = difflib.get_close_matches(key, list(VALIDATION_PROMPT_KEYS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}{hint} (known: {', '.join(VALIDATION_PROMPT_KEYS)})"
+                )
+            types_ = VALIDATION_PROMPT_KEYS[key]
+            if not isinstance(value, types_) or isinstance(value, bool):
+                raise ConfigError(
+                    f"{where}: {key} = {value!r} must be {' or '.join(t.__name__ for t in types_)}"
+                )
+        for key in ("width", "height"):
+            if key in table and (table[key] < 8 or table[key] % 8):
+                raise ConfigError(f"{where}: {key} = {table[key]} must be a positive multiple of 8")
+        for key in ("num_inference_steps", "num_images"):
+            if key in table and table[key] < 1:
+                raise ConfigError(f"{where}: {key} = {table[key]} must be >= 1")
+        if table.get("guidance_scale", 0) < 0:
+            raise ConfigError(f"{where}: guidance_scale = {table['guidance_scale']} must be >= 0")
+
+
 # Characters Windows refuses in file names (ComfyUI and A1111 users copy adapters there), and its device names.
 _FORBIDDEN_CHARACTERS = set('<>:"/\\|?*')
 _WINDOWS_DEVICE_NAMES = {
@@ -413,10 +636,22 @@ OPTIONAL_PACKAGES = (
     ("report_to", "wandb", ("wandb",), "`pip install wandb` (then `wandb login`)"),
     ("report_to", "tensorboard", ("tensorboard", "tensorboardX"), "`pip install tensorboard`"),
     (
-        "use_8bit_adam",
-        None,
+        "optimizer_type",
+        "AdamW8bit",
         ("bitsandbytes",),
         "`pip install bitsandbytes` (or `pip install loha-diffusion[bnb]`)",
+    ),
+    (
+        "optimizer_type",
+        "Lion",
+        ("lion_pytorch",),
+        "`pip install lion-pytorch` (or `pip install loha-diffusion[optimizers]`)",
+    ),
+    (
+        "optimizer_type",
+        "Prodigy",
+        ("prodigyopt",),
+        "`pip install prodigyopt` (or `pip install loha-diffusion[optimizers]`)",
     ),
     (
         "enable_xformers_memory_efficient_attention",
@@ -427,7 +662,7 @@ OPTIONAL_PACKAGES = (
 )
 _INSTEAD = {
     "report_to": "or set report_to = 'none' (or another tracker)",
-    "use_8bit_adam": "or drop the flag to use torch AdamW",
+    "optimizer_type": "or use optimizer_type = 'AdamW' (torch, no extra package)",
     "enable_xformers_memory_efficient_attention": "or drop the flag to use PyTorch SDPA attention (the default)",
 }
 
@@ -462,7 +697,7 @@ def check_file_name(name: str, key: str) -> None:
 
 def check_packages(cfg: TrainConfig) -> None:
     """Refuse settings whose optional package is not installed (`OPTIONAL_PACKAGES`: a `report_to` tracker,
-    bitsandbytes for `use_8bit_adam`, xformers), before any model is loaded.
+    an optimizer's package (bitsandbytes, lion-pytorch, prodigyopt), xformers), before any model is loaded.
 
     accelerate drops a tracker whose package is missing with a log line, and the run then fails where it first
     uses it (the final validation grid, after the whole run); this makes that an error at start. Packages are
@@ -541,6 +776,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         return _coerce(key, value, args[0])
+    if tp is Any:  # checked by its own rule (`check_validation_prompts`)
+        return value
+    if tp is str and key == "optimizer_type" and isinstance(value, str):
+        return canonical_optimizer_type(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -593,6 +832,8 @@ def _parse_cli_value(key: str, text: str | list[str], tp: Any) -> Any:
         if tp is str:
             return text
         if origin is list:
+            if typing.get_args(tp)[0] is not str:  # `--validation_prompts '{"prompt": "a cat", "seed": 1}'`
+                return [json.loads(item) for item in text]
             return list(text)
         if origin is dict:
             # `--rank_pattern to_k=4 to_v=2` or one JSON object.
@@ -635,17 +876,114 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 
 
 # kohya sd-scripts' on/off switches that mean one value of one of our settings: `switch = true` sets it.
-KOHYA_SWITCHES: dict[str, tuple[str, str]] = {
+KOHYA_SWITCHES: dict[str, tuple[str, Any]] = {
     "v_parameterization": ("prediction_type", "v_prediction"),  # kohya's switch for v-prediction models
     "v2": ("model_arch", "sd2"),  # kohya's switch for SD2.x base models
+    "random_crop": ("center_crop", False),  # kohya crops at random only with this switch
+    "use_8bit_adam": ("optimizer_type", "AdamW8bit"),  # diffusers' scripts' switch (kohya's too, older)
 }
 
 
+# kohya's `network_module` values: the adapter kind each trains here (LyCORIS's is chosen by `algo=`).
+KOHYA_NETWORK_MODULES = {"networks.lora": "lora", "lycoris.kohya": None}
+_LYCORIS_ALGOS = {"loha": "loha", "lora": "lora", "locon": "lora"}
+_LYCORIS_PRESETS = {"full": "full", "attn-mlp": "attn_ff", "attn-only": "attn"}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+# network_args keys with no setting here, and what to use instead.
+_NETWORK_ARGS_INSTEAD = {
+    "dropout": "neuron dropout is not implemented; rank_dropout or module_dropout regularize the adapter",
+    "down_lr_weight": "use rank_pattern/alpha_pattern for block-wise ranks, or unet_lr",
+    "mid_lr_weight": "use rank_pattern/alpha_pattern for block-wise ranks, or unet_lr",
+    "up_lr_weight": "use rank_pattern/alpha_pattern for block-wise ranks, or unet_lr",
+    "block_dims": "use rank_pattern, e.g. rank_pattern = {'down_blocks\\.0\\..*' = 4}",
+    "block_alphas": "use alpha_pattern, e.g. alpha_pattern = {'down_blocks\\.0\\..*' = 2}",
+    "conv_block_dims": "use rank_pattern on the conv modules",
+    "conv_block_alphas": "use alpha_pattern on the conv modules",
+}
+
+
+def kohya_network_settings(module: str | None, args: list[str] | None) -> dict[str, Any]:
+    """kohya's `network_module` + `network_args` as this trainer's settings: `networks.lora` is LoRA;
+    `lycoris.kohya` takes `algo=loha|lora|locon` (LyCORIS's default is LoRA/LoCon). `network_args` keys:
+    `conv_dim` → `conv_rank` (and, as in kohya, the 3x3 convs are then adapted: `preset = "full"`),
+    `conv_alpha`, `use_tucker`/`use_cp` → `use_effective_conv2d`, `rank_dropout`, `module_dropout`, LyCORIS's
+    `preset` (full, attn-mlp, attn-only).
+
+    Raises:
+        ConfigError: a module or algo this trainer does not train, an arg without an equivalent here (the
+            message names the nearest setting), or an arg that is not key=value.
+    """
+    settings: dict[str, Any] = {}
+    if module is not None and module not in KOHYA_NETWORK_MODULES:
+        raise ConfigError(
+            f"network_module = {module!r} is not trained here; use 'networks.lora' (LoRA) or 'lycoris.kohya' "
+            "with network_args = ['algo=loha'] (or set algo = 'loha' / 'lora' directly)"
+        )
+    if module is not None and KOHYA_NETWORK_MODULES[module]:
+        settings["algo"] = KOHYA_NETWORK_MODULES[module]
+    elif module is not None:
+        settings["algo"] = "lora"  # LyCORIS's default algo
+    for item in args or []:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep:
+            raise ConfigError(f"network_args item {item!r} is not key=value (e.g. 'conv_dim=4')")
+        if key == "algo":
+            if text.lower() not in _LYCORIS_ALGOS:
+                raise ConfigError(
+                    f"network_args algo={text} is not trained here; use algo=loha or algo=lora/locon"
+                )
+            settings["algo"] = _LYCORIS_ALGOS[text.lower()]
+        elif key == "preset":
+            if text not in _LYCORIS_PRESETS:
+                raise ConfigError(
+                    f"network_args preset={text} has no equivalent; use {', '.join(_LYCORIS_PRESETS)}, or "
+                    "target_modules for an explicit list"
+                )
+            settings["preset"] = _LYCORIS_PRESETS[text]
+        elif key in ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout"):
+            name = {"conv_dim": "conv_rank"}.get(key, key)
+            try:
+                settings[name] = int(text) if key == "conv_dim" else float(text)
+            except ValueError:
+                raise ConfigError(f"network_args {key}={text!r} is not a number") from None
+            if key == "conv_dim":
+                settings.setdefault("preset", "full")
+        elif key in ("use_tucker", "use_cp"):
+            if text.lower() not in _BOOL_WORDS:
+                raise ConfigError(f"network_args {key}={text!r} is not True or False")
+            settings["use_effective_conv2d"] = _BOOL_WORDS[text.lower()]
+        elif key in _NETWORK_ARGS_INSTEAD:
+            raise ConfigError(
+                f"network_args {key}={text} has no equivalent here: {_NETWORK_ARGS_INSTEAD[key]}"
+            )
+        else:
+            raise ConfigError(
+                f"network_args {key}={text} is not understood; known: algo, preset, conv_dim (= conv_rank), "
+                "conv_alpha, use_tucker (= use_effective_conv2d), rank_dropout, module_dropout"
+            )
+    return settings
+
+
 def _canonical(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    """Map aliases to field names; reject unknown keys and a key given twice under two names."""
+    """Map aliases to field names (and kohya's `network_module`/`network_args` and switches to settings);
+    reject unknown keys and a key given twice under two names."""
     fields, aliases = _field_table()
     out: dict[str, Any] = {}
     given_as: dict[str, str] = {}
+    raw = dict(raw)
+    if "network_module" in raw or "network_args" in raw:
+        module, args = raw.pop("network_module", None), raw.pop("network_args", None)
+        if isinstance(args, str):
+            args = [args]
+        if not (module is None or isinstance(module, str)) or not (
+            args is None or (isinstance(args, list) and all(isinstance(a, str) for a in args))
+        ):
+            raise ConfigError(
+                f"network_module must be a string and network_args a list of 'key=value' in {where}"
+            )
+        for name, value in kohya_network_settings(module, args).items():
+            out[name], given_as[name] = value, "network_args"
     for key, value in raw.items():
         if key in KOHYA_SWITCHES:
             if not isinstance(value, bool):
@@ -710,6 +1048,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
+        if f.name == "optimizer_type":
+            kwargs["type"] = canonical_optimizer_type
         if kind is bool:
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         elif kind in (list, dict):
@@ -722,14 +1062,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
             nargs="?",
             const=True,
             metavar="BOOL",
-            help=f"kohya alias: same as --{name} {value}",
+            help=f"alias: same as --{name} {value}",
         )
+    parser.add_argument(
+        "--network_module",
+        help="kohya: networks.lora (LoRA) or lycoris.kohya (with network_args algo=loha|lora)",
+    )
+    parser.add_argument(
+        "--network_args",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="kohya/LyCORIS: algo, preset, conv_dim, conv_alpha, use_tucker, rank_dropout, module_dropout",
+    )
     return parser
 
 
 def _flag_names() -> list[str]:
     fields, aliases = _field_table()
-    return ["config", *KOHYA_SWITCHES, *fields, *aliases]
+    return ["config", "network_module", "network_args", *KOHYA_SWITCHES, *fields, *aliases]
 
 
 def _unknown_flags(tokens: list[str]) -> ConfigError:
@@ -787,6 +1137,9 @@ def load_config(
     values: dict[str, Any] = read_toml(config_path) if config_path else {}
     hints = typing.get_type_hints(TrainConfig)
     cli: dict[str, Any] = {}
+    network = {key: args.pop(key) for key in ("network_module", "network_args") if key in args}
+    if network:
+        cli.update(_canonical(network, "the command line"))
     for key, text in args.items():
         if key in KOHYA_SWITCHES:
             name, value = KOHYA_SWITCHES[key]
@@ -795,6 +1148,8 @@ def load_config(
                     raise ConfigError(f"--{key} and --{name} both set {name}; give it once")
                 cli[name] = value
             continue
+        if key in cli:
+            raise ConfigError(f"--network_args and --{key} both set {key}; give it once")
         cli[key] = _parse_cli_value(key, text, hints[key])
     values.update(cli)
     values.update(_canonical(overrides, "keyword arguments"))

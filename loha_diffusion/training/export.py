@@ -132,7 +132,7 @@ def training_metadata(
         "unet_lr": cfg.learning_rate,
         "text_encoder_lr": text_encoder_lrs(cfg, arch),
         "lr_scheduler": cfg.lr_scheduler,
-        "optimizer": "AdamW8bit" if cfg.use_8bit_adam else "AdamW",
+        "optimizer": cfg.optimizer_type,
         "batch_size": schedule.total_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "mixed_precision": mixed_precision,

@@ -493,24 +493,16 @@ def train_step(run: Run, batch: dict[str, Any]) -> bool:
 
 def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     """The denoising loss (0-dim float32) of one micro-batch (`data.collate`'s dict) through the prepared
-    UNet and text encoder(s) (`conditioning.unet_conditioning`; SDXL's time ids from each sample's original
-    size and crop); latents, noise and timesteps come from the batch's per-sample seeds."""
+    UNet and text encoder(s): latents (`batch_latents`), noise and timesteps from the batch's per-sample seeds,
+    the conditioning (`batch_conditioning`), and each sample's loss weight (`loss_weights`: 1, or
+    `prior_loss_weight` for regularization samples)."""
     models, cfg = run.models, run.cfg
     seeds = batch["sample_seeds"]
-    latents = encode_latents(models.vae, batch["pixel_values"], seeds)
+    latents = batch_latents(run, batch)
     noise, timesteps = sample_noise_and_timesteps(
         latents, seeds, models.noise_scheduler.config.num_train_timesteps, cfg.noise_offset
     )
-    with torch.set_grad_enabled(cfg.train_text_encoder):
-        encoder_hidden_states, added_cond_kwargs = unet_conditioning(
-            models,
-            batch["captions"],
-            device=run.accelerator.device,
-            original_sizes=batch["original_sizes"],
-            crops_top_left=batch["crops_top_left"],
-            target_size=(cfg.resolution, cfg.resolution),
-            text_encoders=run.text_encoders,
-        )
+    encoder_hidden_states, added_cond_kwargs = batch_conditioning(run, batch)
     return denoising_loss(
         run.unet,
         models.noise_scheduler,
@@ -521,7 +513,32 @@ def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
         prediction_type=run.prediction_type,
         snr_gamma=cfg.snr_gamma,
         added_cond_kwargs=added_cond_kwargs,
+        sample_weights=batch.get("loss_weights"),
     )
+
+
+def batch_latents(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """The batch's VAE latents `(B, 4, H/8, W/8)`, sampled with each sample's seed (`step.encode_latents`)."""
+    return encode_latents(run.models.vae, batch["pixel_values"], batch["sample_seeds"])
+
+
+def batch_conditioning(
+    run: Run, batch: dict[str, Any]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """`(encoder_hidden_states, added_cond_kwargs)` of the batch's captions through the prepared text
+    encoder(s) (`conditioning.unet_conditioning`; SDXL's time ids from each sample's original size and crop,
+    and the batch's `target_size`), with gradients only when the text encoders are trained."""
+    cfg = run.cfg
+    with torch.set_grad_enabled(cfg.train_text_encoder):
+        return unet_conditioning(
+            run.models,
+            batch["captions"],
+            device=run.accelerator.device,
+            original_sizes=batch["original_sizes"],
+            crops_top_left=batch["crops_top_left"],
+            target_size=(cfg.resolution, cfg.resolution),
+            text_encoders=run.text_encoders,
+        )
 
 
 def end_step(run: Run) -> None:

@@ -675,7 +675,7 @@ def make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Op
         ConfigError: `use_8bit_adam` is set and bitsandbytes is not installed.
     """
     optimizer_cls = torch.optim.AdamW
-    if cfg.use_8bit_adam:
+    if cfg.optimizer_type == "AdamW8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:

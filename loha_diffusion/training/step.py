@@ -169,13 +169,15 @@ def denoising_loss(
     prediction_type: str,
     snr_gamma: float | None = None,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss for given latents, text states, noise and timesteps (one forward of `unet`).
 
     `latents`/`noise` `(B, 4, h, w)`, `encoder_hidden_states` `(B, 77, cross_attention_dim)`, `timesteps`
     int64 `(B,)`, all on the UNet's device; `added_cond_kwargs` SDXL's `{"text_embeds", "time_ids"}`
-    (`conditioning.unet_conditioning`), None for SD1.x/SD2.x. Returns the (min-SNR weighted) MSE as a 0-dim
-    float32 tensor.
+    (`conditioning.unet_conditioning`), None for SD1.x/SD2.x; `sample_weights` `(B,)` multiply each sample's
+    loss (kohya's `prior_loss_weight` on regularization samples). Returns the (min-SNR and sample weighted)
+    MSE averaged over the batch as a 0-dim float32 tensor.
     """
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     model_pred = unet(
@@ -187,4 +189,7 @@ def denoising_loss(
     )[0]
     target = prediction_target(scheduler, latents, noise, timesteps, prediction_type)
     weights = snr_loss_weights(scheduler, timesteps, snr_gamma, prediction_type)
+    if sample_weights is not None:
+        sample_weights = sample_weights.to(device=model_pred.device, dtype=torch.float32)
+        weights = sample_weights if weights is None else weights * sample_weights
     return diffusion_loss(model_pred, target, weights)
