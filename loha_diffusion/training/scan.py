@@ -42,13 +42,18 @@ _LISTED = 10  # problems listed per group in an error
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One training image: its file, caption, how often it is seen per epoch (kohya repeats), and the reader
-    that checked it (training and validation read it the same way)."""
+    """One training image: its file, caption, how often it is seen per epoch (kohya repeats), the reader
+    that checked it (training and validation read it the same way), its `size` (width, height) in pixels
+    after the EXIF orientation as the scan found it ((0, 0) when not known: records built by hand), and
+    whether it is a regularization image (`is_reg`, kohya's prior preservation: weighted by
+    `prior_loss_weight`)."""
 
     path: Path
     caption: str
     repeats: int = 1
     reader: ImageReader = DEFAULT_READER
+    size: tuple[int, int] = (0, 0)
+    is_reg: bool = False
 
 
 @dataclass
@@ -363,7 +368,7 @@ def _classify(
         if caption is None:
             problems["missing"].append(f"{candidate.path}: {candidate.missing}")
             continue
-        used.append((ImageRecord(candidate.path, caption, candidate.repeats, reader), found))
+        used.append((ImageRecord(candidate.path, caption, candidate.repeats, reader, found.size), found))
     return used, problems, folder_captions
 
 
