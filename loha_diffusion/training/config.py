@@ -236,7 +236,9 @@ class TrainConfig:
         "largest image accepted, width x height in pixels (default: Pillow's decompression-bomb limit, "
         "89,478,485); raise it to train on larger images",
     )
-    dataloader_num_workers: int = _f(0, "data loading worker processes")
+    dataloader_num_workers: int = _f(
+        0, "data loading worker processes", aliases=("max_data_loader_n_workers",)
+    )
     # --- optimisation ---
     train_batch_size: int = _f(1, "batch size per device")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
