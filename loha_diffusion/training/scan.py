@@ -13,6 +13,10 @@ decoded in full by the one reader training uses (`images.ImageReader`), in a few
 order. Nothing is dropped without a word: a skipped image, a caption whose image has a format Pillow cannot
 open, a caption without an image, an image `metadata.jsonl` does not name, a folder that is not searched and
 a hidden file are all listed in the summary (`DatasetSummary.report`) and logged.
+
+Regularization images (`reg_data_dir`, kohya's prior preservation) are scanned the same way, with the same
+layouts, repeats and caption rules, into `DatasetSummary.regularization`; `interleave_regularization` is kohya's
+rule for how many of their samples an epoch holds (`DatasetSummary.epoch_records`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, format_problems
+from .caption_tools import CaptionOptions, with_prefix_suffix
 from .captions import caption_token_counts, read_caption_file, read_metadata
 from .config import TrainConfig, parse_color
 from .images import DEFAULT_READER, ImageFacts, ImageReader, is_accepted_image
@@ -90,24 +95,56 @@ class DatasetSummary:
     smallest: tuple[tuple[Path, int, int], ...] = ()  # (image, width, height) of small images, smallest first
     crop_losses: tuple[tuple[Path, float], ...] = ()  # images losing > CROP_LOSS_REPORTED, worst first
     folder_captions: int = 0  # images captioned with their kohya folder's concept
-    token_limit: int | None = None  # the text encoder's limit (None: caption lengths were not checked)
+    # The caption-length limit in tokens (None: caption lengths were not checked): the text encoder's
+    # `model_max_length` with start and end tokens counted, or `max_token_length` without them (kohya's count).
+    token_limit: int | None = None
     long_captions: tuple[tuple[Path, int], ...] = ()  # (image, tokens) over `token_limit`, longest first
+    max_token_length: int | None = None  # set when `token_limit` is `max_token_length`
     resolution: int = 0
     background: tuple[int, int, int] = (255, 255, 255)
+    regularization: DatasetSummary | None = None  # the scan of `reg_data_dir` (records with `is_reg`)
+    marker_captions: tuple[Path, ...] = ()  # captions with keep_tokens_separator, passed on as written
+
+    @property
+    def epoch_records(self) -> tuple[ImageRecord, ...]:
+        """The records one epoch draws from: `records`, then the regularization records with kohya's repeats
+        (`interleave_regularization`); `records` when there are no regularization images."""
+        if self.regularization is None:
+            return self.records
+        return interleave_regularization(self.records, self.regularization.records)
+
+    @property
+    def num_train_samples(self) -> int:
+        """Samples per epoch of `records` (images times repeats; regularization samples not counted)."""
+        return sum(r.repeats for r in self.records)
+
+    @property
+    def num_reg_samples(self) -> int:
+        """Regularization samples per epoch (kohya's rule, `interleave_regularization`); 0 without them."""
+        if self.regularization is None:
+            return 0
+        return sum(r.repeats for r in self.epoch_records if r.is_reg)
 
     @property
     def num_samples(self) -> int:
-        """Samples per epoch (images times repeats)."""
-        return sum(r.repeats for r in self.records)
+        """Samples per epoch: images times repeats, regularization samples included."""
+        return self.num_train_samples + self.num_reg_samples
 
     def describe(self) -> str:
-        """One line for logs and the dry-run plan."""
-        text = (
-            f"{_count(len(self.records), 'image')} ({self.layout} layout in {self.root}), "
-            f"{_count(self.num_samples, 'sample')} per epoch"
-        )
-        if self.skipped:
-            text += f", {len(self.skipped)} skipped"
+        """One line for logs and the dry-run plan (training and regularization images and samples)."""
+        reg = self.regularization
+        text = f"{_count(len(self.records), 'image')} ({self.layout} layout in {self.root})"
+        if reg is None:
+            text += f", {_count(self.num_samples, 'sample')} per epoch"
+        else:
+            text += (
+                f" + {_count(len(reg.records), 'regularization image')} ({reg.layout} layout in {reg.root}), "
+                f"{self.num_train_samples} training + {self.num_reg_samples} regularization = "
+                f"{_count(self.num_samples, 'sample')} per epoch"
+            )
+        skipped = len(self.skipped) + (len(reg.skipped) if reg is not None else 0)
+        if skipped:
+            text += f", {skipped} skipped"
         return text
 
     def _name(self, path: Path) -> str:
@@ -151,6 +188,15 @@ class DatasetSummary:
                 f"{_count(self.folder_captions, 'image has', 'images have')} no caption and uses its kohya "
                 "folder's concept (on_missing_caption = 'folder_name')"
             )
+        reg = self.regularization
+        if reg is not None:
+            used = [r for r in self.epoch_records if r.is_reg]
+            lines.append(
+                f"regularization: {_count(len(used), 'image')} used, {self.num_reg_samples} samples per epoch "
+                f"(kohya: their repeats grow in turn until they match the {self.num_train_samples} training "
+                "samples), loss weight prior_loss_weight"
+            )
+            lines += [f"regularization: {line}" for line in reg.facts(shown)]
         return lines
 
     def warnings(self, shown: int = SHOWN) -> list[str]:
@@ -179,10 +225,35 @@ class DatasetSummary:
             )
         if self.long_captions:
             worst = _first(f"{self._name(p)} {n} tokens" for p, n in self.long_captions[:shown])
+            limit = (
+                f"the text encoder's {self.token_limit} tokens"
+                if self.max_token_length is None
+                else f"max_token_length = {self.token_limit} tokens (start and end tokens not counted)"
+            )
             lines.append(
-                f"{_count(len(self.long_captions), 'caption is', 'captions are')} longer than the text "
-                f"encoder's {self.token_limit} tokens and cut there (later words are not trained), longest: "
+                f"{_count(len(self.long_captions), 'caption is', 'captions are')} longer than "
+                f"{limit} and cut there (later words are not trained), longest: "
                 f"{worst}{_more(len(self.long_captions), shown)}"
+            )
+        if self.marker_captions:
+            lines.append(
+                f"{_count(len(self.marker_captions), 'caption holds', 'captions hold')} keep_tokens_separator, "
+                "which takes effect only with shuffle_caption or caption_tag_dropout_rate (as in kohya): the "
+                f"marker reaches the text encoder as written: {self._names(self.marker_captions, shown)}"
+            )
+        return lines + self._reg_warnings(shown)
+
+    def _reg_warnings(self, shown: int) -> list[str]:
+        reg = self.regularization
+        if reg is None:
+            return []
+        lines = [f"regularization images: {line}" for line in reg.warnings(shown)]
+        unused = len(reg.records) - sum(1 for r in self.epoch_records if r.is_reg)
+        if unused:
+            lines.append(
+                f"{_count(unused, 'regularization image is', 'regularization images are')} not used: "
+                f"{reg.num_samples} regularization samples for {self.num_train_samples} training samples "
+                "(kohya uses the first ones in folder order until they match)"
             )
         return lines
 
@@ -202,6 +273,40 @@ def _first(items) -> str:
 
 def _more(total: int, shown: int) -> str:
     return f", ... ({total - shown} more)" if total > shown else ""
+
+
+def interleave_regularization(
+    train_records: Sequence[ImageRecord], reg_records: Sequence[ImageRecord]
+) -> tuple[ImageRecord, ...]:
+    """The records of an epoch with regularization images: `train_records` as they are, then the regularization
+    records with kohya's repeats (`DreamBoothDataset.__init__`, library/train_util.py).
+
+    kohya's rule: with T training samples (images times repeats), the regularization images are taken in
+    order, each with its own repeats, until their samples reach T; if all are taken before that, each gets one
+    more repeat in turn, from the first, until they reach T. So 3 images x 10 repeats and 2 regularization
+    images x 1 give each regularization image 15 repeats; with more regularization samples than T the last
+    ones are not used (and the last one used keeps its full repeats, so the count may pass T, as in kohya).
+    The samples are mixed by the epoch's shuffle, as in kohya. Returned records have `is_reg=True`;
+    without `reg_records` (kohya only warns then) the result is `train_records`.
+    """
+    train = tuple(train_records)
+    if not reg_records:
+        return train
+    target = sum(r.repeats for r in train)
+    repeats: list[int] = []
+    taken, first_loop = 0, True
+    while taken < target:
+        for i, record in enumerate(reg_records):
+            if first_loop:
+                repeats.append(record.repeats)
+                taken += record.repeats
+            else:
+                repeats[i] += 1
+                taken += 1
+            if taken >= target:
+                break
+        first_loop = False
+    return train + tuple(replace(record, repeats=n, is_reg=True) for record, n in zip(reg_records, repeats))
 
 
 def _listing(folder: Path) -> tuple[list[Path], list[Path], list[str]]:
@@ -373,7 +478,12 @@ def _classify(
 
 
 def _check_problems(
-    root: Path, layout: str, problems: dict[str, list[str]], on_bad_image: str, on_missing_caption: str
+    root: Path,
+    layout: str,
+    problems: dict[str, list[str]],
+    on_bad_image: str,
+    on_missing_caption: str,
+    what: str = "training data",
 ) -> list[str]:
     """The problems skipped under the skip rules, as "<file>: <reason>" lines.
 
@@ -396,21 +506,40 @@ def _check_problems(
         stop.append((f"images have no caption ({fix})", problems["missing"]))
     if any(items for _, items in stop):
         raise DataError(
-            format_problems(f"The training data in {root} cannot be used as it is:", stop, shown=_LISTED)
+            format_problems(f"The {what} in {root} cannot be used as it is:", stop, shown=_LISTED)
         )
     skipped = [] if on_bad_image == "error" else problems["image"] + problems["caption"]
     return skipped + ([] if missing_is_error else problems["missing"])
 
 
 def _long_captions(
-    records: Sequence[ImageRecord], tokenizer: Any
+    records: Sequence[ImageRecord],
+    tokenizer: Any,
+    max_token_length: int | None,
+    options: CaptionOptions,
 ) -> tuple[int | None, tuple[tuple[Path, int], ...]]:
+    """The token limit and the (image, tokens) of captions over it, longest first. Captions are measured with
+    the prefix and suffix they train with. Without `max_token_length` the limit is the tokenizer's
+    `model_max_length` with start and end tokens counted (77 for CLIP); with it, `max_token_length` tokens of
+    text, start and end tokens not counted (kohya's count: 75, 150 or 225)."""
     if tokenizer is None:
         return None, ()
-    limit = int(tokenizer.model_max_length)
-    counts = caption_token_counts(tokenizer, [r.caption for r in records])
+    counts = caption_token_counts(tokenizer, [with_prefix_suffix(r.caption, options) for r in records])
+    if max_token_length is None:
+        limit = int(tokenizer.model_max_length)
+    else:
+        special = int(tokenizer.num_special_tokens_to_add())  # CLIP: start and end, 2
+        limit, counts = max_token_length, [n - special for n in counts]
     long = [(r.path, n) for r, n in zip(records, counts) if n > limit]
     return limit, tuple(sorted(long, key=lambda x: -x[1]))
+
+
+def _marker_captions(records: Sequence[ImageRecord], options: CaptionOptions) -> tuple[Path, ...]:
+    """Images whose caption holds `keep_tokens_separator` while the caption tools that read it are off."""
+    marker = options.keep_tokens_separator
+    if not marker or options.changes_per_step:
+        return ()
+    return tuple(r.path for r in records if marker in with_prefix_suffix(r.caption, options))
 
 
 def _summary(
@@ -454,6 +583,9 @@ def scan_dataset(
     on_bad_image: str = "error",
     reader: ImageReader = DEFAULT_READER,
     tokenizer: Any = None,
+    max_token_length: int | None = None,
+    caption_options: CaptionOptions | None = None,
+    is_reg: bool = False,
     log: bool = True,
     workers: int | None = None,
 ) -> DatasetSummary:
@@ -464,31 +596,44 @@ def scan_dataset(
     caption / with an unreadable image or caption file out, listed in the summary's `skipped`;
     `on_missing_caption="folder_name"` uses the kohya folder's concept (`10_sks dog` -> `sks dog`) as the
     caption. A caption of only whitespace is missing. With a `tokenizer` (transformers, e.g. the base model's
-    `CLIPTokenizer`) captions longer than its `model_max_length` are reported. `log` logs the summary's
-    warnings (what was left out, small images, big crops, long captions).
+    `CLIPTokenizer`) captions (with `caption_options`' prefix and suffix) longer than its `model_max_length`,
+    or than `max_token_length` tokens of text when set (kohya's 75/150/225), are reported. `is_reg`: `root` is
+    `reg_data_dir` (records get `is_reg=True`, messages name it). `log` logs the summary's warnings (what was
+    left out, small images, big crops, long captions).
 
     Raises:
         DataError: `root` is missing, `metadata.jsonl` has bad lines (not UTF-8 or JSON, a file outside `root`),
             images or captions are unreadable or captions missing (all of them listed, unless skipped), kohya
-            folders and loose images are mixed, or nothing usable is left; the message names the files and
-            the fix.
+            folders and loose images are mixed, or nothing usable is left; the message names the setting
+            (train_data_dir or reg_data_dir), the files and the fix.
     """
     root = Path(root)
+    setting, what = (
+        ("reg_data_dir", "regularization images") if is_reg else ("train_data_dir", "training data")
+    )
     if not root.is_dir():
-        raise DataError(f"train_data_dir {root} does not exist or is not a folder")
+        raise DataError(
+            f"{setting} {root} does not exist or is not a folder; check the path"
+            + (" or remove reg_data_dir to train without regularization images" if is_reg else "")
+        )
     notes: list[str] = []
     layout, candidates = _candidates(root, caption_extension, image_column, caption_column, notes)
     facts = inspect_images(reader, [c.path for c in candidates], workers)
     used, problems, folder_captions = _classify(candidates, facts, layout, on_missing_caption, reader)
-    skipped = _check_problems(root, layout, problems, on_bad_image, on_missing_caption)
+    skipped = _check_problems(root, layout, problems, on_bad_image, on_missing_caption, what)
     if not used:
         hint = (
             f"put images (.png, .jpg, .webp, ... any format Pillow opens) with same-name {caption_extension} "
             "captions in it, kohya '<repeats>_<concept>' sub-folders, or a metadata.jsonl"
         )
         left_out = f"; left out: {'; '.join(skipped[:_LISTED])}" if skipped else ""
-        raise DataError(f"no usable training images in {root}: {hint}{left_out}")
-    token_limit, long_captions = _long_captions([r for r, _ in used], tokenizer)
+        kind = "regularization" if is_reg else "training"
+        raise DataError(f"no usable {kind} images in {setting} {root}: {hint}{left_out}")
+    if is_reg:
+        used = [(replace(r, is_reg=True), f) for r, f in used]
+    options = caption_options or CaptionOptions()
+    records = [r for r, _ in used]
+    token_limit, long_captions = _long_captions(records, tokenizer, max_token_length, options)
     summary = _summary(
         root,
         layout,
@@ -500,6 +645,8 @@ def scan_dataset(
         folder_captions=folder_captions,
         token_limit=token_limit,
         long_captions=long_captions,
+        max_token_length=max_token_length if token_limit is not None else None,
+        marker_captions=_marker_captions(records, options),
     )
     if log:
         for line in summary.warnings(shown=_LISTED):
@@ -513,15 +660,19 @@ def image_reader(cfg: TrainConfig) -> ImageReader:
 
 
 def scan_training_data(cfg: TrainConfig, tokenizer: Any = None, *, log: bool = True) -> DatasetSummary:
-    """`scan_dataset` of `cfg.train_data_dir` with the run's resolution, caption, skip and image settings.
+    """`scan_dataset` of `cfg.train_data_dir`, and of `cfg.reg_data_dir` when set (its summary is the result's
+    `regularization`), with the run's resolution, caption, skip, image and caption-tool settings. The
+    regularization folder takes the same layouts, repeats and caption rules as the training folder (kohya's
+    usual one: `<repeats>_<class>` folders of uncaptioned images with on_missing_caption = 'folder_name').
 
-    `tokenizer` (the base model's, optional) lets the scan report captions longer than the text encoder reads.
+    `tokenizer` (the base model's, optional) lets the scan report captions longer than the text encoder reads
+    (`cfg.max_token_length` when set).
 
     Raises:
-        DataError: as `scan_dataset` (the message names the files and the fix).
+        DataError: as `scan_dataset` for either folder (the message names the setting, the files and the fix);
+            both are scanned before any model is loaded.
     """
-    return scan_dataset(
-        cfg.train_data_dir,
+    settings: dict[str, Any] = dict(
         resolution=cfg.resolution,
         caption_extension=cfg.caption_extension,
         image_column=cfg.image_column,
@@ -530,5 +681,15 @@ def scan_training_data(cfg: TrainConfig, tokenizer: Any = None, *, log: bool = T
         on_bad_image=cfg.on_bad_image,
         reader=image_reader(cfg),
         tokenizer=tokenizer,
-        log=log,
+        max_token_length=cfg.max_token_length,
+        caption_options=CaptionOptions.from_config(cfg),
+        log=False,
     )
+    summary = scan_dataset(cfg.train_data_dir, **settings)
+    if cfg.reg_data_dir is not None:
+        reg = scan_dataset(cfg.reg_data_dir, is_reg=True, **settings)
+        summary = replace(summary, regularization=reg)
+    if log:
+        for line in summary.warnings(shown=_LISTED):
+            logger.warning("%s", line)
+    return summary
