@@ -7,7 +7,9 @@ import logging
 import pytest
 import torch
 
+from loha_diffusion import tiny
 from loha_diffusion.training.cache_store import CacheStore, file_sha256, make_key, tensors_sha256
+from loha_diffusion.training.step import encode_latents, sample_latents
 
 
 def test_store_round_trip_and_missing(tmp_path):
@@ -67,3 +69,16 @@ def test_hashes_follow_content(tmp_path):
     assert tensors_sha256(a) == tensors_sha256({"w": torch.zeros(3)})
     assert tensors_sha256(a) != tensors_sha256({"w": torch.zeros(3, dtype=torch.float64)})
     assert tensors_sha256(a) != tensors_sha256({"v": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sample_latents_draws_as_encode_latents(batch):
+    vae = tiny.build_tiny_vae()
+    pixels = torch.rand(batch, 3, 32, 32) * 2 - 1
+    seeds = torch.tensor([11, 12, 13][:batch])
+    expected = encode_latents(vae, pixels, seeds)
+    with torch.no_grad():
+        params = vae.encode(pixels).latent_dist.parameters
+    assert params.shape[:2] == (batch, 8)
+    got = sample_latents(params.clone(), seeds, vae.config.scaling_factor)
+    assert torch.equal(got, expected)

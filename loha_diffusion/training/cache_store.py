@@ -109,7 +109,7 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
     """`tensors_sha256` of `module.state_dict()` (parameters and buffers): the identity of its weights. About
-    0.3 s for the SD1.5 VAE's 84 M float32 parameters on one CPU core (sha256 at ~1 GB/s)."""
+    0.2 s for the SD1.5 VAE's 84 M float32 parameters (335 MB) on one CPU core (measured)."""
     return tensors_sha256(module.state_dict())
 
 

@@ -55,6 +55,7 @@ from .data import (
     training_dataloader,
 )
 from .export import export_kohya, export_peft, training_metadata
+from .latent_cache import attach_latent_cache
 from .models import (
     ADAPTER_NAME,
     Models,
@@ -81,6 +82,7 @@ from .step import (
     derive_seed,
     encode_latents,
     resolve_prediction_type,
+    sample_latents,
     sample_noise_and_timesteps,
 )
 from .tracker import Tracker
@@ -223,6 +225,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     add_adapters(models, cfg, unet_config, te_config)
     optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models))
     loader, sampler = training_dataloader(cfg, summary)
+    attach_latent_cache(cfg, loader.dataset, models.vae, accelerator)  # cache_latents: VAE once per image
     schedule = compute_schedule(cfg, len(loader.dataset), accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, schedule.max_train_steps, accelerator.num_processes)
     run = prepare(
@@ -518,8 +521,14 @@ def batch_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def batch_latents(run: Run, batch: dict[str, Any]) -> torch.Tensor:
-    """The batch's VAE latents `(B, 4, H/8, W/8)`, sampled with each sample's seed (`step.encode_latents`)."""
-    return encode_latents(run.models.vae, batch["pixel_values"], batch["sample_seeds"])
+    """The batch's VAE latents `(B, 4, H/8, W/8)`, sampled with each sample's seed: from the cached
+    `latent_params` when the latent cache serves the batch (`step.sample_latents`, on the VAE's device and in
+    its dtype, so the draws equal the uncached ones), else by encoding `pixel_values` (`step.encode_latents`)."""
+    vae = run.models.vae
+    if "latent_params" in batch:
+        params = batch["latent_params"].to(device=vae.device, dtype=vae.dtype)
+        return sample_latents(params, batch["sample_seeds"], vae.config.scaling_factor)
+    return encode_latents(vae, batch["pixel_values"], batch["sample_seeds"])
 
 
 def batch_conditioning(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 
 from ..errors import ConfigError
@@ -59,6 +60,29 @@ def encode_latents(vae, pixel_values: torch.Tensor, seeds: torch.Tensor | Sequen
     pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
     latents = vae.encode(pixel_values).latent_dist.sample(generator=generators)
     return latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def sample_latents(
+    params: torch.Tensor, seeds: torch.Tensor | Sequence[int], scaling_factor: float
+) -> torch.Tensor:
+    """Latents sampled from cached VAE `latent_dist.parameters`, drawn exactly as `encode_latents` draws them.
+
+    The same diffusers `DiagonalGaussianDistribution` that `vae.encode` returns is rebuilt from the parameters
+    and sampled with the same per-sample CPU generators, so given the parameters `encode_latents` computed (same
+    device and dtype) the latents are bitwise equal; the latent cache (`latent_cache.py`) relies on it.
+
+    Args:
+        params: `(B, 2 * latent_channels, h, w)` (mean then log-variance, SD's `(B, 8, H/8, W/8)`), on the
+            device and in the dtype to sample in (the VAE's, for the uncached run's numbers).
+        seeds: B per-sample seeds.
+        scaling_factor: the VAE's `config.scaling_factor`.
+
+    Returns:
+        `(B, latent_channels, h, w)` latents on `params`' device, in its dtype; no gradient.
+    """
+    generators = [torch.Generator().manual_seed(derive_seed(s, "vae")) for s in _seed_list(seeds)]
+    return DiagonalGaussianDistribution(params).sample(generator=generators) * scaling_factor
 
 
 def sample_noise_and_timesteps(
