@@ -158,10 +158,13 @@ def join_windows(states: torch.Tensor, windows: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _text_model(text_encoder: Any) -> Any:
-    """The `CLIPTextTransformer` of a (possibly DDP-wrapped) `CLIPTextModel`, for its `final_layer_norm`."""
+def _final_layer_norm(text_encoder: Any) -> Any:
+    """The final layer norm of a (possibly DDP-wrapped) CLIP text encoder: `CLIPTextModel.final_layer_norm`
+    in transformers 5, `.text_model.final_layer_norm` before it (and in `CLIPTextModelWithProjection`)."""
     module = getattr(text_encoder, "module", text_encoder)
-    return module.text_model
+    if hasattr(module, "final_layer_norm"):
+        return module.final_layer_norm
+    return module.text_model.final_layer_norm
 
 
 def _skipped_states(text_encoder: Any, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
@@ -176,7 +179,7 @@ def _skipped_states(text_encoder: Any, ids: torch.Tensor, clip_skip: int) -> tor
             f"clip_skip = {clip_skip} but the text encoder has only {len(hidden) - 1} layers; use at most "
             f"{len(hidden) - 1} (2 is the usual value)"
         )
-    return _text_model(text_encoder).final_layer_norm(hidden[-clip_skip])
+    return _final_layer_norm(text_encoder)(hidden[-clip_skip])
 
 
 def encode_prompts(
