@@ -141,7 +141,7 @@ def test_fingerprint_ignores_place_and_mtime_and_names_changes(tmp_path):
             if not (root / name).exists():
                 (root / name).write_bytes(b"x" * len(name))
             records.append(SimpleNamespace(path=root / name, caption=caption, repeats=repeats))
-        return SimpleNamespace(root=root, records=tuple(records))
+        return SimpleNamespace(root=root, records=tuple(records), regularization=None)
 
     first = dataset_fingerprint(summary(tmp_path / "a", {"1_x/p.png": "a", "1_x/q.png": "b"}))
     assert first["files"]["1_x/p.png"]["size"] == 9

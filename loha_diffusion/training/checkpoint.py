@@ -651,14 +651,18 @@ def dataset_fingerprint(summary: DatasetSummary) -> dict[str, Any]:
     """What identifies the training data: per image its path relative to the data folder, its size in bytes,
     the sha256 of its caption and its repeats (not the modification time, nor the folder itself: a copied or
     moved dataset still matches). `{"root": str, "files": {relative path: {"size", "caption", "repeats"}},
-    "digest": sha256 of the files}`.
+    "digest": sha256 of the files}`. Regularization images (`summary.regularization`) are in `files` too, as
+    `"reg_data_dir/<path relative to it>"`, so changed regularization data is refused on resume as well.
 
     Raises:
         OSError: an image file can no longer be read (it was scanned moments before).
     """
     files: dict[str, dict[str, Any]] = {}
-    for record in summary.records:
-        name = Path(os.path.relpath(record.path, summary.root)).as_posix()
+    named = [(summary.root, "", record) for record in summary.records]
+    if (reg := summary.regularization) is not None:
+        named += [(reg.root, "reg_data_dir/", record) for record in reg.records]
+    for root, prefix, record in named:
+        name = prefix + Path(os.path.relpath(record.path, root)).as_posix()
         key, n = name, 1
         while key in files:  # a metadata.jsonl may list an image twice
             n += 1

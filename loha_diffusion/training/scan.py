@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, format_problems
+from .cache_store import DEFAULT_CACHE_FOLDER
 from .caption_tools import CaptionOptions, with_prefix_suffix
 from .captions import caption_token_counts, read_caption_file, read_metadata
 from .config import TrainConfig, parse_color
@@ -104,6 +105,7 @@ class DatasetSummary:
     background: tuple[int, int, int] = (255, 255, 255)
     regularization: DatasetSummary | None = None  # the scan of `reg_data_dir` (records with `is_reg`)
     marker_captions: tuple[Path, ...] = ()  # captions with keep_tokens_separator, passed on as written
+    prior_loss_weight: float = 1.0  # the loss weight of regularization samples (shown with them)
 
     @property
     def epoch_records(self) -> tuple[ImageRecord, ...]:
@@ -184,9 +186,9 @@ class DatasetSummary:
                 f"{self._names(self.animated, shown)}"
             )
         if self.folder_captions:
+            has = ("image has no caption and uses its", "images have no caption and use their")
             lines.append(
-                f"{_count(self.folder_captions, 'image has', 'images have')} no caption and uses its kohya "
-                "folder's concept (on_missing_caption = 'folder_name')"
+                f"{_count(self.folder_captions, *has)} kohya folder's concept (on_missing_caption = 'folder_name')"
             )
         reg = self.regularization
         if reg is not None:
@@ -194,7 +196,7 @@ class DatasetSummary:
             lines.append(
                 f"regularization: {_count(len(used), 'image')} used, {self.num_reg_samples} samples per epoch "
                 f"(kohya: their repeats grow in turn until they match the {self.num_train_samples} training "
-                "samples), loss weight prior_loss_weight"
+                f"samples), loss weight {self.prior_loss_weight:g} (prior_loss_weight)"
             )
             lines += [f"regularization: {line}" for line in reg.facts(shown)]
         return lines
@@ -311,9 +313,12 @@ def interleave_regularization(
 
 def _listing(folder: Path) -> tuple[list[Path], list[Path], list[str]]:
     """Sorted visible files and sub-folders of `folder`, and notes for the hidden entries (names starting with
-    '.', such as macOS '._photo.png' resource forks), which are not used."""
+    '.', such as macOS '._photo.png' resource forks), which are not used. The default cache folder
+    (`.loha_cache`, the latent and text caches) is passed by without a note: it is the trainer's own."""
     files, dirs, notes = [], [], []
     for entry in sorted(folder.iterdir()):
+        if entry.name == DEFAULT_CACHE_FOLDER and entry.is_dir():
+            continue
         if entry.name.startswith("."):
             notes.append(f"{entry}: hidden (its name starts with '.')")
         elif entry.is_dir():
@@ -688,7 +693,7 @@ def scan_training_data(cfg: TrainConfig, tokenizer: Any = None, *, log: bool = T
     summary = scan_dataset(cfg.train_data_dir, **settings)
     if cfg.reg_data_dir is not None:
         reg = scan_dataset(cfg.reg_data_dir, is_reg=True, **settings)
-        summary = replace(summary, regularization=reg)
+        summary = replace(summary, regularization=reg, prior_loss_weight=cfg.prior_loss_weight)
     if log:
         for line in summary.warnings(shown=_LISTED):
             logger.warning("%s", line)
