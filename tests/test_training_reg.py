@@ -244,3 +244,9 @@ def test_dry_run_counts_reg_samples_and_refuses_a_missing_reg_folder(tmp_path, t
     assert "Steps: 30 optimizer steps = 1 epochs of 30 steps" in plain
     with pytest.raises(DataError, match=r"reg_data_dir .*no_such_reg does not exist"):
         dry_run(load_config(flags + ["--reg_data_dir", str(tmp_path / "no_such_reg")]), num_processes=1)
+
+
+def test_images_that_are_both_training_and_reg_images_are_refused(tmp_path):
+    train, _ = write_dataset(tmp_path)
+    with pytest.raises(DataError, match=r"3 images are both a training image .*t0\.png.*folder of their own"):
+        scan_training_data(config(train, train / "10_sks dog"))

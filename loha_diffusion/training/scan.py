@@ -664,6 +664,23 @@ def image_reader(cfg: TrainConfig) -> ImageReader:
     return ImageReader(parse_color(cfg.background_color), cfg.max_image_pixels)
 
 
+def _check_no_shared_images(train: DatasetSummary, reg: DatasetSummary) -> None:
+    """Refuse images that are both training and regularization images (reg_data_dir inside train_data_dir).
+
+    Raises:
+        DataError: naming the shared images and both folders.
+    """
+    train_paths = {os.path.realpath(r.path) for r in train.records}
+    shared = [r.path for r in reg.records if os.path.realpath(r.path) in train_paths]
+    if shared:
+        raise DataError(
+            f"{_count(len(shared), 'image is', 'images are')} both a training image (train_data_dir "
+            f"{train.root}) and a regularization image (reg_data_dir {reg.root}): "
+            f"{_first(str(p) for p in shared[:_LISTED])}{_more(len(shared), _LISTED)}; keep the regularization "
+            "images in a folder of their own, outside train_data_dir"
+        )
+
+
 def scan_training_data(cfg: TrainConfig, tokenizer: Any = None, *, log: bool = True) -> DatasetSummary:
     """`scan_dataset` of `cfg.train_data_dir`, and of `cfg.reg_data_dir` when set (its summary is the result's
     `regularization`), with the run's resolution, caption, skip, image and caption-tool settings. The
@@ -674,8 +691,8 @@ def scan_training_data(cfg: TrainConfig, tokenizer: Any = None, *, log: bool = T
     (`cfg.max_token_length` when set).
 
     Raises:
-        DataError: as `scan_dataset` for either folder (the message names the setting, the files and the fix);
-            both are scanned before any model is loaded.
+        DataError: as `scan_dataset` for either folder (the message names the setting, the files and the fix),
+            or images are in both folders; both are scanned before any model is loaded.
     """
     settings: dict[str, Any] = dict(
         resolution=cfg.resolution,
@@ -693,6 +710,7 @@ def scan_training_data(cfg: TrainConfig, tokenizer: Any = None, *, log: bool = T
     summary = scan_dataset(cfg.train_data_dir, **settings)
     if cfg.reg_data_dir is not None:
         reg = scan_dataset(cfg.reg_data_dir, is_reg=True, **settings)
+        _check_no_shared_images(summary, reg)
         summary = replace(summary, regularization=reg, prior_loss_weight=cfg.prior_loss_weight)
     if log:
         for line in summary.warnings(shown=_LISTED):
