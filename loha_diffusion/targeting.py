@@ -6,12 +6,14 @@ import copy
 import difflib
 import re
 import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
 
-from .config import AdapterConfig, LoHaConfig, LoRAConfig, config_class
-from .errors import ConfigError
+from .config import AdapterConfig, LoHaConfig, LoRAConfig, config_class, get_pattern_key
+from .errors import ConfigError, format_problems
 from .layers import AdapterLayer
 
 ADAPTABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -160,6 +162,140 @@ def _no_match_message(config: AdapterConfig, names: list[str]) -> str:
         message += " (after exclude_modules / layers_to_transform / modules_to_save)"
     message += ". " + ("; ".join(hints) if hints else f"Some module names: {', '.join(names[:8])}") + "."
     return message
+
+
+# -- rank_pattern / alpha_pattern ---------------------------------------------------------------------
+
+PATTERN_SETTINGS = ("rank_pattern", "alpha_pattern")
+
+
+def pattern_key_matches(key: str, module_name: str) -> bool:
+    r"""Whether a `rank_pattern`/`alpha_pattern` key matches `module_name` by PEFT's rule
+    (`peft.utils.other.get_pattern_key`: `re.match(rf"(.*\.)?({key})$", name)`): the key, a regex, must match
+    the whole name or a tail of it that starts after a dot. So `"to_q"` and `"down_blocks\.0\..*"` match
+    `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, but `"down_blocks.0"` does not."""
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
+
+
+@dataclass(frozen=True)
+class PatternUse:
+    """How one `rank_pattern`/`alpha_pattern` key applies to a model's adapted modules.
+
+    `matched`: the adapted modules the key matches (`pattern_key_matches`); `applied`: those of them that get
+    its `value`, i.e. where it is the first matching key in the dict's order (PEFT's `get_pattern_key`
+    returns the first), so `applied` is a subset of `matched`."""
+
+    setting: str  # "rank_pattern" | "alpha_pattern"
+    key: str
+    value: float
+    matched: tuple[str, ...]
+    applied: tuple[str, ...]
+
+
+def pattern_uses(config: AdapterConfig, module_names: Sequence[str]) -> list[PatternUse]:
+    """Every `rank_pattern` then `alpha_pattern` key of `config`, in dict order, with the modules of
+    `module_names` (the adapted modules' names) it matches and those it sets (`PatternUse`)."""
+    uses = []
+    for setting in PATTERN_SETTINGS:
+        pattern: dict[str, float] = getattr(config, setting)
+        keys = list(pattern)
+        winners = {name: get_pattern_key(keys, name) for name in module_names}
+        for key, value in pattern.items():
+            matched = tuple(name for name in module_names if pattern_key_matches(key, name))
+            applied = tuple(name for name in matched if winners[name] == key)
+            uses.append(PatternUse(setting, key, value, matched, applied))
+    return uses
+
+
+def suggested_pattern(key: str) -> str:
+    r"""The key a user most likely meant when `key` names a module prefix (`"down_blocks.0"`): that prefix with
+    its dots escaped, followed by any tail (`down_blocks\.0\..*`)."""
+    return re.escape(key.rstrip(".")) + r"\..*"
+
+
+def _starting_with(key: str, names: Sequence[str]) -> list[str]:
+    """Module names that have `key` (as a regex) at their start or after a dot, followed by a dot."""
+    try:
+        pattern = re.compile(rf"(.*\.)?({key})\.")
+    except re.error:
+        return []
+    return [name for name in names if pattern.match(name)]
+
+
+def _unmatched_problem(use: PatternUse, adapted: Sequence[str], others: Sequence[str]) -> str:
+    """Why `use.key` sets nothing, and the key that would (see `check_pattern_keys`)."""
+    setting, key = use.setting, use.key
+    inside = _starting_with(key, adapted)
+    if inside:
+        shown = ", ".join(inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
+        better, simple = suggested_pattern(key), key.rstrip(".") + ".*"
+        return (
+            f"{setting} key '{key}' matches no adapted module: a key must match a module's whole name or a "
+            f"tail of it after a dot (PEFT's rule). {len(inside)} adapted modules start with it ({shown}); "
+            f"to set them all write '{better}' or '{simple}' "
+            f"(TOML: {setting} = {{ '{better}' = {use.value:g} }})"
+        )
+    outside = [name for name in others if pattern_key_matches(key, name)] or _starting_with(key, others)
+    if outside:
+        return (
+            f"{setting} key '{key}' only matches modules that get no adapter ({', '.join(outside[:3])}); "
+            "adapt them first (target_modules, or preset = 'full' for the convs) or remove the key"
+        )
+    leaves = sorted({part for name in adapted for part in name.split(".") if not part.isdigit()})
+    close = difflib.get_close_matches(key.split(".")[-1], leaves, n=3, cutoff=0.5)
+    hint = f"; closest module name parts: {', '.join(close)}" if close else ""
+    return f"{setting} key '{key}' matches no module of the model{hint}"
+
+
+def check_pattern_keys(
+    config: AdapterConfig,
+    adapted: Sequence[str],
+    all_names: Sequence[str] = (),
+    *,
+    keys: Iterable[tuple[str, str]] | None = None,
+    model: str = "model",
+    hints: Sequence[str] = (),
+) -> list[PatternUse]:
+    """Check that each `rank_pattern`/`alpha_pattern` key named in `keys` (`(setting, key)` pairs; default:
+    every key of `config`) sets the rank or alpha of at least one of the `adapted` module names, and return
+    every key's `PatternUse` (`pattern_uses`).
+
+    PEFT ignores a key that matches nothing (its `get_pattern_key` falls back to the module name), so a kohya
+    user's `down_blocks.0 = 4` silently changes nothing; the error says which key would match and names
+    modules it was meant for. A key that matches modules but never applies, because an earlier key of the
+    dict matches each of them first, is refused too, naming that key. `all_names` (every module name of the
+    model) lets the message tell a key that matches only modules without an adapter; `hints` are added to it.
+
+    Raises:
+        ConfigError: one message for all such keys, naming each key, the `model` and the fix.
+    """
+    uses = pattern_uses(config, adapted)
+    checked = None if keys is None else set(keys)
+    adapted_set = set(adapted)
+    others = [name for name in all_names if name not in adapted_set]
+    problems = []
+    for use in uses:
+        if checked is not None and (use.setting, use.key) not in checked:
+            continue
+        if not use.matched:
+            problems.append(_unmatched_problem(use, adapted, others))
+        elif not use.applied:
+            first = {get_pattern_key(list(getattr(config, use.setting)), name) for name in use.matched}
+            earlier = ", ".join(f"'{k}'" for k in sorted(first))
+            problems.append(
+                f"{use.setting} key '{use.key}' matches {len(use.matched)} modules but an earlier key sets each "
+                f"of them ({earlier}): the first matching key wins (PEFT's "
+                "rule), so put the more specific key first"
+            )
+    if problems:
+        raise ConfigError(
+            format_problems(
+                f"rank_pattern/alpha_pattern keys that change no module of the {model}:",
+                [("key(s) set nothing", problems)],
+                hints,
+            )
+        )
+    return uses
 
 
 # -- presets ---------------------------------------------------------------------------------------

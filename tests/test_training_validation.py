@@ -174,7 +174,8 @@ def test_validation_renders_the_file_on_the_runs_modules_and_restores_them(
     validator = make_validator(
         validation_config(pipeline_dir, tmp_path), SimpleNamespace(is_main_process=True), models
     )
-    grid, path = validator.render(adapter_file, step=3)
+    (rendered,) = validator.render(adapter_file, step=3)
+    grid, path = rendered.grid, rendered.path
 
     assert_same(before, snapshot(models, trained, optimizer))
     assert list_adapters(validator.pipeline()) == {
@@ -186,11 +187,11 @@ def test_validation_renders_the_file_on_the_runs_modules_and_restores_them(
     assert getattr(pipe, "text_encoder_2", None) is models.text_encoder_2
     expected_scheduler = {"sd1": PNDMScheduler, "sdxl": "EulerDiscreteScheduler"}[arch]
     assert type(pipe.scheduler).__name__ == getattr(expected_scheduler, "__name__", expected_scheduler)
-    assert path == tmp_path / "out" / "validation" / "step-000003.png" and path.is_file()
+    assert path == tmp_path / "out" / "validation" / "step-000003-prompt-00.png" and path.is_file()
     # Same image as a user's fresh pipeline with the file loaded; different from the base model's.
     ours = np.asarray(grid, dtype=np.int16)
-    assert np.abs(ours - fresh_render(pipeline_dir, adapter_file, validator.seed)).max() <= 1
-    assert np.abs(ours - fresh_render(pipeline_dir, None, validator.seed)).max() > 8
+    assert np.abs(ours - fresh_render(pipeline_dir, adapter_file, validator.prompts[0].seed)).max() <= 1
+    assert np.abs(ours - fresh_render(pipeline_dir, None, validator.prompts[0].seed)).max() > 8
 
 
 def test_validation_adapter_is_removed_after_an_error(tiny_sd1_pipeline_dir, tmp_path):
@@ -237,7 +238,7 @@ def test_half_precision_modules_render_in_their_dtypes(vae_dtype, tiny_sdxl_pipe
     validator = make_validator(
         validation_config(tiny_sdxl_pipeline_dir, tmp_path), SimpleNamespace(is_main_process=True), models
     )
-    images = validator.images(adapter_file)
+    (images,) = validator.images(adapter_file)
     assert len(images) == 1 and np.asarray(images[0]).std() > 0
     after = {name: p for m in (models.unet, models.vae) for name, p in m.named_parameters()}
     assert weights.keys() == after.keys()
@@ -295,8 +296,8 @@ def test_validation_of_a_single_file_base(tiny_sd1_single_file, tiny_sd1_pipelin
     adapter_file = export(models, tmp_path / "single.safetensors")
     validator = make_validator(cfg, SimpleNamespace(is_main_process=True), models)
     assert isinstance(validator.pipeline().scheduler, PNDMScheduler)
-    image = np.asarray(validator.images(adapter_file)[0], dtype=np.int16)
-    assert np.abs(image - fresh_render(tiny_sd1_pipeline_dir, adapter_file, validator.seed)).max() <= 1
+    image = np.asarray(validator.images(adapter_file)[0][0], dtype=np.int16)
+    assert np.abs(image - fresh_render(tiny_sd1_pipeline_dir, adapter_file, validator.prompts[0].seed)).max() <= 1
 
 
 def test_validation_during_training_does_not_change_what_is_trained(tiny_sd1_pipeline_dir, tmp_path):

@@ -44,7 +44,7 @@ from .checkpoint import (
     save_checkpoint,
     show_value,
 )
-from .conditioning import unet_conditioning
+from .conditioning import TextEncoding, unet_conditioning
 from .config import TrainConfig, load_config, report_user_error
 from .data import (
     DatasetSummary,
@@ -76,6 +76,7 @@ from .models import (
     vae_in_float32,
     weight_dtype,
 )
+from .patterns import check_run_patterns
 from .plan import dry_run
 from .step import (
     denoising_loss,
@@ -209,6 +210,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     summary = scan_training_data(cfg, tokenizers[0])
     logger.info("data: %s", "\n  ".join([summary.describe(), *summary.facts()]))
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
+    check_run_patterns(cfg, unet_config)  # on the weightless UNet: keys that would set nothing
     fingerprint = dataset_fingerprint(summary)
     settings = run_settings(
         cfg, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision, arch=arch
@@ -688,11 +690,23 @@ def after_step(run: Run) -> None:
 
 
 def after_epoch(run: Run) -> None:
-    """Main process: the Kohya file every `save_every_n_epochs` epochs (not after the last: `finish` writes it)."""
-    cfg, done = run.cfg, run.epoch + 1
-    if run.is_main and cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0:
-        if done < run.schedule.num_epochs:
-            write_kohya(run, run.output_dir / f"{cfg.name}-{done:06d}.safetensors", done)
+    """Main process, after each epoch but the last (`finish` writes and validates the final file): the Kohya
+    file every `save_every_n_epochs` epochs, and validation every `validation_epochs` epochs (diffusers'
+    setting; kohya's `sample_every_n_epochs`), unless `validation_steps` validated this very step.
+
+    Raises:
+        OutputWriteError: the epoch file or a validation image cannot be written (disk full, permission).
+    """
+    cfg, done, step = run.cfg, run.epoch + 1, run.state.global_step
+    if not run.is_main or done >= run.schedule.num_epochs:
+        return
+    epoch_file = None
+    if cfg.save_every_n_epochs and done % cfg.save_every_n_epochs == 0:
+        epoch_file = write_kohya(run, run.output_dir / f"{cfg.name}-{done:06d}.safetensors", done)
+    final = step >= run.schedule.max_train_steps
+    if cfg.validation_epochs and done % cfg.validation_epochs == 0 and not final:
+        if step not in run.result.eval_losses:  # validation_steps validated this step already
+            validate(run, epoch_file)
 
 
 def write_kohya(run: Run, path: Path, epoch: int, finished_at: float | None = None) -> Path:
@@ -731,23 +745,29 @@ def eval_loss(run: Run) -> dict[str, float]:
             resolution=run.cfg.resolution,
             prediction_type=run.prediction_type,
             seed=run.cfg.seed,
+            encoding=TextEncoding.from_config(run.cfg),
         )
     run.result.eval_losses[run.state.global_step] = loss
     return {"eval/denoising_loss": loss}
 
 
 def validate(run: Run, adapter_file: Path | None) -> None:
-    """Main process: the fixed-set loss, and the image grid from `adapter_file` (a temporary export if None)."""
+    """Main process: the fixed-set loss, and each validation prompt's images from `adapter_file` (a temporary
+    export if None), to disk and the tracker.
+
+    Raises:
+        OutputWriteError: a validation image cannot be written (disk full, permission).
+    """
     logs, step = eval_loss(run), run.state.global_step
     if run.validator is None:
         run.tracker.log(logs, step=step)
         return
     with tempfile.TemporaryDirectory() as tmp:
         file = adapter_file or write_kohya(run, Path(tmp) / f"{run.cfg.name}.safetensors", run.epoch)
-        grid, path = run.validator.render(file, step)
-    run.result.validation_images.append(path)
-    logger.info("validation grid: %s", path)
-    run.tracker.log_validation(logs, grid, step)
+        rendered = run.validator.render(file, step)
+    run.result.validation_images += [r.path for r in rendered]
+    logger.info("validation images: %s", ", ".join(r.path.name for r in rendered))
+    run.tracker.log_validation(logs, [(r.prompt.prompt, r.grid) for r in rendered], step)
 
 
 def finish(run: Run, completed: bool) -> TrainResult:

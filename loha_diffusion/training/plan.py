@@ -30,6 +30,7 @@ from .models import (
     text_encoder_adapter_config,
     unet_adapter_config,
 )
+from .patterns import check_patterns_on, pattern_lines
 
 HEADER_BYTES_PER_TENSOR = 160  # safetensors header entry: name, dtype, shape, offsets
 FILE_OVERHEAD_BYTES = 8 + 2048  # header length field and the metadata
@@ -61,6 +62,7 @@ class Plan:
     warnings: list[str]
     tensor_bytes: int = 0  # bytes of the Kohya file's tensors (exact): factors and alphas in save_precision
     arch: str | None = None  # "sd1" | "sd2" | "sdxl"
+    patterns: list[str] = field(default_factory=list)  # `patterns.pattern_lines`: what each key changed
 
 
 def _part_name(prefix: str, module_path: str) -> str:
@@ -127,8 +129,12 @@ def setting_warnings(cfg: TrainConfig) -> list[str]:
         warnings.append(
             "LoHa with fp16 autocast can overflow (NaN); bf16 is safer where the hardware has it."
         )
-    if cfg.validation_steps and not cfg.validation_prompt:
-        warnings.append("validation_steps is set but there is no validation_prompt: no validation images.")
+    if (cfg.validation_steps or cfg.validation_epochs) and not (
+        cfg.validation_prompt or cfg.validation_prompts
+    ):
+        warnings.append(
+            "validation_steps/validation_epochs is set but there are no validation prompts: no validation images."
+        )
     if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
         warnings.append("lr_scheduler 'constant' ignores lr_warmup_steps; use 'constant_with_warmup'.")
     if cfg.max_grad_norm == 0:
@@ -153,14 +159,17 @@ def build_plan(
 
     Raises:
         ConfigError: the base model's configs cannot be read (see `models.load_meta_models`,
-            `models.base_model_arch`) or the adapter settings are inconsistent (see
-            `models.unet_adapter_config`).
+            `models.base_model_arch`), the adapter settings are inconsistent (see
+            `models.unet_adapter_config`) or a `rank_pattern`/`alpha_pattern` key sets no module (see
+            `patterns.check_patterns_on`).
     """
     if arch is None:
         arch = base_model_arch(cfg)
         resolve_arch_defaults(cfg, arch)
     unet, text_encoders = load_meta_models(cfg)
-    inject_adapter(unet, unet_adapter_config(cfg), ADAPTER_NAME)
+    unet_config, unet_names = unet_adapter_config(cfg), [name for name, _ in unet.named_modules() if name]
+    inject_adapter(unet, unet_config, ADAPTER_NAME)
+    uses = check_patterns_on(cfg, unet_config, list(adapter_layers(unet)), unet_names)
     parts, params, tensor_bytes, size = describe_adapters(unet, "unet", cfg.save_precision)
     te_config = text_encoder_adapter_config(cfg)
     if text_encoders and te_config is not None:
@@ -173,7 +182,14 @@ def build_plan(
             tensor_bytes, size = tensor_bytes + te_tensors, size + te_size
     schedule = compute_schedule(cfg, num_samples, num_processes) if num_samples else None
     return Plan(
-        parts, params, size + FILE_OVERHEAD_BYTES, schedule, setting_warnings(cfg), tensor_bytes, arch
+        parts,
+        params,
+        size + FILE_OVERHEAD_BYTES,
+        schedule,
+        setting_warnings(cfg),
+        tensor_bytes,
+        arch,
+        patterns=pattern_lines(cfg, uses),
     )
 
 
@@ -204,6 +220,7 @@ def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> s
         lines.append(f"  {part.name:<20} {part.modules:>7} {part.parameters:>12,}  {kinds:<40} {ranks}")
     modules = sum(p.modules for p in plan.parts)
     lines.append(f"  {'total':<20} {modules:>7} {plan.trainable_parameters:>12,}")
+    lines += [f"  {line}" for line in plan.patterns]
     lines.append(f"Expected file size ({cfg.save_precision}): {human_size(plan.file_bytes)}")
     if data_line:
         lines.append(f"Data: {data_line}")

@@ -1,9 +1,11 @@
 """The run's experiment tracker (TensorBoard, wandb or none) behind three calls: start, log scalars, log the
-validation grid. accelerate does the writing; with `report_to = "none"` every call does nothing."""
+validation images. accelerate does the writing; with `report_to = "none"` every call does nothing."""
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from .config import TrainConfig
@@ -11,6 +13,17 @@ from .config import TrainConfig
 logger = logging.getLogger(__name__)
 
 PROJECT_NAME = "loha_diffusion"  # the tracker run's project (wandb) / sub-folder of logging_dir (TensorBoard)
+MAX_TAG_PROMPT = 80  # characters of a prompt shown in its TensorBoard tag
+
+
+def image_tag(index: int, prompt: str) -> str:
+    """The tracker tag of validation prompt `index`: `validation/00 a photo of sks dog` (TensorBoard images
+    have no caption, so the prompt is in the tag; "/" would open a tag group and is replaced, long prompts
+    are cut to `MAX_TAG_PROMPT` characters)."""
+    shown = re.sub(r"\s+", " ", prompt.replace("/", "|")).strip()
+    if len(shown) > MAX_TAG_PROMPT:
+        shown = shown[: MAX_TAG_PROMPT - 3] + "..."
+    return f"validation/{index:02d} {shown}"
 
 
 def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -28,7 +41,6 @@ class Tracker:
     def __init__(self, accelerator: Any, cfg: TrainConfig) -> None:
         self.accelerator = accelerator
         self.report_to = cfg.report_to
-        self.caption = " | ".join(cfg.validation_prompt)
 
     @property
     def enabled(self) -> bool:
@@ -59,9 +71,11 @@ class Tracker:
         if self.enabled:
             self.accelerator.log(values, step=step)
 
-    def log_validation(self, values: dict[str, float], grid: Any, step: int) -> None:
-        """Log scalars and the validation grid (a PIL RGB image) at `step`: TensorBoard gets it as image
-        "validation" (HWC uint8), wandb as a `wandb.Image` captioned with the prompts."""
+    def log_validation(self, values: dict[str, float], images: Sequence[tuple[str, Any]], step: int) -> None:
+        """Log scalars and the validation images at `step`: `images` holds one `(prompt, image)` per prompt (a
+        PIL RGB image: that prompt's images in a row), logged as one image per prompt under `image_tag`.
+        TensorBoard gets each through `add_image` (HWC uint8) and the full prompts as text
+        ("validation/prompts"); wandb gets each as a `wandb.Image` captioned with its prompt."""
         if not self.enabled:
             return
         values = dict(values)
@@ -69,9 +83,14 @@ class Tracker:
             import numpy as np
 
             writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+            for index, (prompt, image) in enumerate(images):
+                writer.add_image(image_tag(index, prompt), np.asarray(image), step, dataformats="HWC")
+            if images:
+                listing = "\n".join(f"{index:02d}: {prompt}  " for index, (prompt, _) in enumerate(images))
+                writer.add_text("validation/prompts", listing, step)
         elif self.report_to == "wandb":
             import wandb
 
-            values["validation"] = wandb.Image(grid, caption=self.caption)
+            for index, (prompt, image) in enumerate(images):
+                values[image_tag(index, prompt)] = wandb.Image(image, caption=prompt)
         self.accelerator.log(values, step=step)

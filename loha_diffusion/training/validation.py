@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,14 @@ from huggingface_hub.utils import HFValidationError
 from PIL import Image
 from torch import nn
 
-from ..files import atomic_path
+from ..files import atomic_path, atomic_write_text
 from ..model import adapter_layers
 from ..pipeline import adapter_components, delete_adapter, list_adapters, load_adapter, set_active_adapters
-from .conditioning import unet_conditioning
-from .config import TrainConfig
+from .conditioning import TextEncoding, pipeline_prompt_embeds, unet_conditioning
+from .config import TrainConfig, check_validation_prompts
 from .data import ImageRecord, load_image, transform_image
 from .models import Models, single_file_info
+from .sample_prompts import read_sample_prompts
 from .step import derive_seed, encode_latents, prediction_target
 
 logger = logging.getLogger(__name__)
@@ -213,38 +215,95 @@ def _decode(pipe: Any, latent: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(image, output_type="pil")
 
 
+@dataclass(frozen=True)
+class ValidationPrompt:
+    """One validation prompt and the settings it renders with (sizes in pixels, multiples of 8)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    num_images: int
+
+
+def resolve_validation_prompts(cfg: TrainConfig) -> list[ValidationPrompt]:
+    """Every validation prompt of `cfg`, in this order: `validation_prompt` (each with the run-wide settings:
+    `validation_negative_prompt`, `validation_resolution` (default `resolution`) square,
+    `validation_num_inference_steps`, `validation_guidance_scale`, `num_validation_images`), then the
+    `[[validation_prompts]]` tables, then the kohya `sample_prompts` file (`sample_prompts.read_sample_prompts`),
+    a table's missing keys taken from the run-wide settings. Prompt i (0-based, over the whole list) without
+    its own seed gets `cfg.seed + i`: deterministic, and different per prompt as kohya's numbered samples.
+
+    Raises:
+        ConfigError: the `sample_prompts` file cannot be read or parsed (see `read_sample_prompts`) or one of
+            its tables is refused by `config.check_validation_prompts`.
+    """
+    size = cfg.validation_resolution or cfg.resolution
+    shared = {
+        "negative_prompt": cfg.validation_negative_prompt,
+        "width": size,
+        "height": size,
+        "num_inference_steps": cfg.validation_num_inference_steps,
+        "guidance_scale": cfg.validation_guidance_scale,
+        "num_images": cfg.num_validation_images,
+    }
+    tables = [{"prompt": prompt} for prompt in cfg.validation_prompt] + list(cfg.validation_prompts)
+    sample_file = getattr(cfg, "sample_prompts", None)  # the lead adds this field to TrainConfig
+    if sample_file:
+        from_file = read_sample_prompts(sample_file)
+        check_validation_prompts(from_file)
+        tables += from_file
+    return [
+        ValidationPrompt(**{**shared, "seed": cfg.seed + index, **table})
+        for index, table in enumerate(tables)
+    ]
+
+
+@dataclass
+class RenderedPrompt:
+    """One prompt's images of one validation: `grid` (its `num_images` in a row) saved at `path`."""
+
+    index: int
+    prompt: ValidationPrompt
+    grid: Image.Image
+    path: Path
+
+
 class Validator:
     """Renders the validation prompts with a pipeline around the run's own modules plus the exported adapter.
 
     The pipeline (`build_pipeline`) holds the same UNet, text encoder(s), VAE and tokenizer(s) objects as
     `models` (the unwrapped ones: accelerate's prepared wrappers are not pipeline components), so it costs no
     memory beyond the validation adapter's factors; it is built once and reused. Each `render` loads the file
-    it is given as `VALIDATION_ADAPTER` and removes it again (`validation_adapter`). Images use a fixed seed, so
-    grids are comparable; `resolution` is in pixels (SDXL: the pipeline's micro-conditioning defaults, original
-    and target size = `resolution`, crop (0, 0))."""
+    it is given as `VALIDATION_ADAPTER` and removes it again (`validation_adapter`). Each prompt renders with
+    its own `ValidationPrompt` settings from a CPU generator seeded with its seed, so its images are
+    comparable across steps; prompts are encoded as training encodes captions (`encoding`: max_token_length,
+    clip_skip; `conditioning.pipeline_prompt_embeds`). SDXL: the pipeline's micro-conditioning defaults
+    (original and target size = the prompt's size, crop (0, 0))."""
 
     def __init__(
         self,
         *,
         models: Models,
         scheduler: Any,
-        prompts: Sequence[str],
-        images_per_prompt: int,
-        resolution: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        seed: int,
+        prompts: Sequence[ValidationPrompt],
         output_dir: str | Path,
+        encoding: TextEncoding = TextEncoding(),
     ) -> None:
         self.models, self.scheduler = models, scheduler
         self.prompts = list(prompts)
-        self.images_per_prompt = images_per_prompt
-        self.resolution = resolution
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.seed = seed
         self.output_dir = Path(output_dir)
+        self.encoding = encoding
         self._pipe = None
+        self._described = False
+
+    @property
+    def folder(self) -> Path:
+        """Where the images go: `<output_dir>/validation`."""
+        return self.output_dir / "validation"
 
     def pipeline(self) -> Any:
         """The validation pipeline around the run's modules (built on first use; see `build_pipeline`)."""
@@ -252,69 +311,89 @@ class Validator:
             self._pipe = build_pipeline(self.models, self.scheduler)
         return self._pipe
 
+    def _embeds(self, pipe: Any, prompt: ValidationPrompt) -> dict[str, torch.Tensor]:
+        # An empty negative prompt is the pipeline's "no negative prompt": zeros for SDXL base
+        # (force_zeros_for_empty_prompt), the empty caption's states otherwise.
+        zeros = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+        return pipeline_prompt_embeds(
+            self.models,
+            [prompt.prompt],
+            [prompt.negative_prompt],
+            device=pipe.unet.device,
+            encoding=self.encoding,
+            force_zeros_for_empty_prompt=zeros,
+        )
+
     @torch.no_grad()
-    def images(self, adapter_file: str | Path) -> list[Image.Image]:
-        """Every prompt rendered `images_per_prompt` times with `adapter_file` (alone) active, prompt by prompt,
-        each prompt from a CPU generator seeded with `seed`.
+    def images(self, adapter_file: str | Path) -> list[list[Image.Image]]:
+        """Each prompt's `num_images` images with `adapter_file` (alone) active, prompt by prompt, each
+        prompt at its size, steps and guidance, from a CPU generator seeded with its seed.
 
         Raises:
             LoHaDiffusionError: `load_adapter` cannot load `adapter_file` (the modules are left as they were).
         """
         pipe = self.pipeline()
-        images: list[Image.Image] = []
+        images: list[list[Image.Image]] = []
         with validation_adapter(pipe, adapter_file):
             for prompt in self.prompts:
-                generator = torch.Generator("cpu").manual_seed(self.seed)
                 latents = pipe(
-                    prompt,
-                    height=self.resolution,
-                    width=self.resolution,
-                    num_images_per_prompt=self.images_per_prompt,
-                    num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale,
-                    generator=generator,
+                    **self._embeds(pipe, prompt),
+                    height=prompt.height,
+                    width=prompt.width,
+                    num_images_per_prompt=prompt.num_images,
+                    num_inference_steps=prompt.num_inference_steps,
+                    guidance_scale=prompt.guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(prompt.seed),
                     output_type="latent",
                 ).images
-                images += decode_images(pipe, latents)
+                images.append(decode_images(pipe, latents))
         return images
 
-    def render(self, adapter_file: str | Path, step: int) -> tuple[Image.Image, Path]:
-        """Render the prompts with `adapter_file` (`images`) and save the grid; returns it and its path.
-
-        The grid has one row per prompt and `images_per_prompt` columns of `resolution` x `resolution` pixels;
-        it is saved (atomically) as `<output_dir>/validation/step-<step:06d>.png`.
+    def render(self, adapter_file: str | Path, step: int) -> list[RenderedPrompt]:
+        """Render the prompts with `adapter_file` (`images`) and save one file per prompt: its images in a
+        row, `<output_dir>/validation/step-<step:06d>-prompt-<index:02d>.png` (written atomically). The first
+        render also writes `validation/prompts.json`: each index's prompt and settings.
 
         Raises:
-            LoHaDiffusionError: `load_adapter` cannot load `adapter_file`; the grid cannot be written for lack
+            LoHaDiffusionError: `load_adapter` cannot load `adapter_file`; a file cannot be written for lack
                 of space or permission (`OutputWriteError`).
-            OSError: the grid cannot be written.
+            OSError: a file cannot be written.
         """
-        grid = make_grid(self.images(adapter_file), self.images_per_prompt)
-        path = self.output_dir / "validation" / f"step-{step:06d}.png"
-        with atomic_path(path) as tmp:
-            grid.save(tmp, format="PNG")  # the temporary name has no .png suffix to infer it from
-        return grid, path
+        rendered = []
+        for index, (prompt, images) in enumerate(zip(self.prompts, self.images(adapter_file), strict=True)):
+            grid = make_grid(images, prompt.num_images)
+            path = self.folder / f"step-{step:06d}-prompt-{index:02d}.png"
+            with atomic_path(path) as tmp:
+                grid.save(tmp, format="PNG")  # the temporary name has no .png suffix to infer it from
+            rendered.append(RenderedPrompt(index, prompt, grid, path))
+        if not self._described:
+            described = [{"index": i, **asdict(p)} for i, p in enumerate(self.prompts)]
+            atomic_write_text(self.folder / "prompts.json", json.dumps(described, indent=2) + "\n")
+            self._described = True
+        return rendered
 
 
 def make_validator(cfg: TrainConfig, accelerator: Any, models: Models) -> Validator | None:
-    """The validation renderer on the main process when `validation_prompt` is set, else None. `models` are
-    the run's unwrapped modules; the sampler is `inference_scheduler` of the base model's `model_index.json`.
+    """The validation renderer on the main process when the run has validation prompts
+    (`resolve_validation_prompts`), else None. `models` are the run's unwrapped modules; the sampler is
+    `inference_scheduler` of the base model's `model_index.json`; prompts are encoded with the run's
+    `conditioning.TextEncoding`.
 
     Raises:
-        ConfigError: a single-file base model cannot be inspected (see `model_index_file`).
+        ConfigError: a single-file base model cannot be inspected (see `model_index_file`), or the
+            `sample_prompts` file cannot be used (see `resolve_validation_prompts`).
     """
-    if not (accelerator.is_main_process and cfg.validation_prompt):
+    if not accelerator.is_main_process:
+        return None
+    prompts = resolve_validation_prompts(cfg)
+    if not prompts:
         return None
     return Validator(
         models=models,
         scheduler=inference_scheduler(models.noise_scheduler, model_index_file(cfg)),
-        prompts=cfg.validation_prompt,
-        images_per_prompt=cfg.num_validation_images,
-        resolution=cfg.validation_resolution or cfg.resolution,
-        num_inference_steps=cfg.validation_num_inference_steps,
-        guidance_scale=cfg.validation_guidance_scale,
-        seed=cfg.seed,
+        prompts=prompts,
         output_dir=cfg.output_dir,
+        encoding=TextEncoding.from_config(cfg),
     )
 
 
@@ -364,14 +443,15 @@ def fixed_denoising_loss(
     timesteps_per_image: int = 4,
     max_images: int = 16,
     batch_size: int = 8,
+    encoding: TextEncoding = TextEncoding(),
 ) -> float:
     """Mean unweighted denoising MSE over a fixed set of (image, noise, timestep) triples (`fixed_triples`).
 
     The first `max_images` images, center-cropped to `resolution` pixels, each at `timesteps_per_image`
     timesteps evenly spread over the schedule, with noise seeded from `seed`: the same arguments always give
     the same triples, so the value is comparable across training steps. The conditioning is the training
-    step's (`conditioning.unet_conditioning`; SDXL: both encoders and the micro-conditioning of each image's
-    original size and crop, target size `resolution`). Runs in batches of `batch_size` on the UNet's device,
+    step's (`conditioning.unet_conditioning` with the run's `encoding`; SDXL: both encoders and the
+    micro-conditioning of each image's original size and crop, target size `resolution`). Runs in batches of `batch_size` on the UNet's device,
     the UNet and text encoders in eval mode (no adapter dropout; their modes are restored), the MSE in float32.
 
     Returns:
@@ -408,6 +488,7 @@ def fixed_denoising_loss(
                 original_sizes=torch.tensor([c["original_size"] for c in chunk], dtype=torch.long),
                 crops_top_left=torch.tensor([c["crop_top_left"] for c in chunk], dtype=torch.long),
                 target_size=(resolution, resolution),
+                encoding=encoding,
             )
             noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
             pred = unet(
