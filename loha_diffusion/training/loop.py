@@ -44,7 +44,7 @@ from .checkpoint import (
     save_checkpoint,
     show_value,
 )
-from .conditioning import TextEncoding, unet_conditioning
+from .conditioning import TextEncoding, check_text_encoding, conditioning_from_states, unet_conditioning
 from .config import TrainConfig, load_config, report_user_error
 from .data import (
     DatasetSummary,
@@ -86,6 +86,7 @@ from .step import (
     sample_latents,
     sample_noise_and_timesteps,
 )
+from .text_cache import TextEncoderCache, text_encoder_cache
 from .tracker import Tracker
 from .validation import Validator, fixed_denoising_loss, make_validator
 
@@ -137,6 +138,7 @@ class Run:
     tracker: Tracker
     result: TrainResult
     validator: Validator | None = None
+    text_cache: TextEncoderCache | None = None  # cache_text_encoder_outputs: captions encoded once
     fingerprint: dict[str, Any] = field(default_factory=dict)
     changes: list[dict[str, Any]] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)  # Unix time, for the file metadata
@@ -202,6 +204,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     # files, no weights), so the scan can count caption tokens.
     arch = base_model_arch(cfg)
     resolve_arch_defaults(cfg, arch)
+    check_text_encoding(cfg, arch)  # clip_skip is refused for SDXL before any weights load
     if cfg.text_encoder_2_lr is not None and not (arch == "sdxl" and cfg.train_text_encoder):
         logger.warning(
             "text_encoder_2_lr is ignored: only SDXL with train_text_encoder has a second text encoder"
@@ -234,6 +237,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
         accelerator, cfg, summary, schedule, models, prediction_type, optimizer, lr_scheduler, loader, sampler
     )
     run.fingerprint = fingerprint
+    run.text_cache = text_encoder_cache(cfg, summary, models, accelerator)  # the encoders once per caption
     start_outputs(run)
     if resume is not None:
         resume_run(run, resume)
@@ -536,19 +540,28 @@ def batch_latents(run: Run, batch: dict[str, Any]) -> torch.Tensor:
 def batch_conditioning(
     run: Run, batch: dict[str, Any]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """`(encoder_hidden_states, added_cond_kwargs)` of the batch's captions through the prepared text
-    encoder(s) (`conditioning.unet_conditioning`; SDXL's time ids from each sample's original size and crop,
-    and the batch's `target_size`), with gradients only when the text encoders are trained."""
+    """`(encoder_hidden_states, added_cond_kwargs)` of the batch's captions, encoded as the config says
+    (`conditioning.TextEncoding`: long prompts, clip skip): from the text-encoder cache when it holds them
+    (`run.text_cache`), else through the prepared text encoder(s) (`conditioning.unet_conditioning`), with
+    gradients only when the text encoders are trained. SDXL's time ids come from each sample's original size
+    and crop, and the batch's `target_size` (height, width; its bucket), else (resolution, resolution)."""
     cfg = run.cfg
+    device = run.accelerator.device
+    size = batch.get("target_size")
+    target_size = (cfg.resolution, cfg.resolution) if size is None else (int(size[0]), int(size[1]))
+    sizes = {"original_sizes": batch["original_sizes"], "crops_top_left": batch["crops_top_left"]}
+    cached = None if run.text_cache is None else run.text_cache.lookup(batch["captions"], device)
+    if cached is not None:
+        return conditioning_from_states(*cached, device=device, target_size=target_size, **sizes)
     with torch.set_grad_enabled(cfg.train_text_encoder):
         return unet_conditioning(
             run.models,
             batch["captions"],
-            device=run.accelerator.device,
-            original_sizes=batch["original_sizes"],
-            crops_top_left=batch["crops_top_left"],
-            target_size=(cfg.resolution, cfg.resolution),
+            device=device,
+            target_size=target_size,
             text_encoders=run.text_encoders,
+            encoding=TextEncoding.from_config(cfg),
+            **sizes,
         )
 
 
