@@ -29,14 +29,13 @@ from loha_diffusion.training.models import (
     add_adapters,
     base_model_arch,
     freeze_base_models,
-    group_learning_rates,
     load_models,
     resolve_arch_defaults,
     text_encoder_adapter_config,
-    trainable_param_groups,
     unet_adapter_config,
     vae_in_float32,
 )
+from loha_diffusion.training.optimizers import group_learning_rates, trainable_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square on a black background, drawn with thick lines"]

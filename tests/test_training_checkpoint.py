@@ -34,8 +34,8 @@ from loha_diffusion.training.checkpoint import (
 )
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.loop import main, train
-from loha_diffusion.training.models import (
-    ADAPTER_NAME,
+from loha_diffusion.training.models import ADAPTER_NAME
+from loha_diffusion.training.optimizers import (
     apply_optimizer_settings,
     make_lr_scheduler,
     make_optimizer,
@@ -273,7 +273,7 @@ def test_resumed_optimizer_takes_the_new_settings_and_schedule():
     scheduler = make_lr_scheduler(new, optimizer, 8, 1)
     optimizer.load_state_dict(saved[0])  # what accelerator.load_state does
     scheduler.load_state_dict(saved[1])
-    assert optimizer_settings(optimizer) == {
+    assert optimizer_settings(new, optimizer) == {
         "learning_rate": 1e-2,
         "adam_beta1": 0.9,
         "adam_beta2": 0.999,

@@ -51,6 +51,7 @@ from ..utils import format_number
 from .config import TrainConfig
 from .data import DatasetSummary
 from .models import ADAPTER_NAME, vae_in_float32
+from .optimizers import adafactor_relative_step
 from .statefile import encode_state, parse_state_files, rng_state, set_rng_state, state_files
 
 logger = logging.getLogger(__name__)
@@ -126,13 +127,14 @@ REFUSED_ON_RESUME: dict[str, str] = {
 # Settings a resume applies from the resumed step on (the loop logs each change and records it in the file).
 OPTIMIZER_SETTINGS = (
     "learning_rate",
+    "unet_lr",
     "text_encoder_lr",
     "text_encoder_2_lr",
     "adam_beta1",
     "adam_beta2",
     "adam_epsilon",
     "adam_weight_decay",
-)  # read back from the restored optimizer (`models.optimizer_settings`)
+)  # read back from the restored optimizer where it has them (`optimizers.optimizer_settings`)
 SCHEDULE_SETTINGS = ("lr_scheduler", "lr_warmup_steps", "lr_num_cycles", "lr_power", "max_train_steps")
 # `no_half_vae` only changes the precision the frozen VAE encodes in, as `mixed_precision` does.
 APPLIED_ON_RESUME = (
@@ -628,11 +630,12 @@ def run_settings(
 ) -> dict[str, Any]:
     """The settings of a run as a resume compares them: every config field as given (`alpha` None stays None:
     a changed rank is then one difference, not three), except the text-encoder learning rates, the rates in
-    effect (None without `train_text_encoder`; `text_encoder_2_lr` only for SDXL); plus the process count,
-    accelerate's resolved `mixed_precision` and the schedule's `max_train_steps` (also when it comes from
-    `num_train_epochs`; None where not known yet). With the base model's `arch` (`models.ARCHS`), `model_arch`
-    is the architecture in effect and `no_half_vae` whether the VAE runs in float32 (`models.vae_in_float32`),
-    not what the config left unset."""
+    effect (None without `train_text_encoder`; `text_encoder_2_lr` only for SDXL), and no learning rate at all
+    (None) with Adafactor's relative step, which computes its own (`optimizers.adafactor_relative_step`); plus
+    the process count, accelerate's resolved `mixed_precision` and the schedule's `max_train_steps` (also
+    when it comes from `num_train_epochs`; None where not known yet). With the base model's `arch`
+    (`models.ARCHS`), `model_arch` is the architecture in effect and `no_half_vae` whether the VAE runs in
+    float32 (`models.vae_in_float32`), not what the config left unset."""
     settings = cfg.to_dict()
     te_lr = (cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else None
     settings.update(
@@ -644,6 +647,8 @@ def run_settings(
     )
     if arch is not None:
         settings.update(model_arch=arch, no_half_vae=vae_in_float32(cfg, arch))
+    if adafactor_relative_step(cfg):
+        settings.update(dict.fromkeys(("learning_rate", "unet_lr", "text_encoder_lr", "text_encoder_2_lr")))
     return settings
 
 
@@ -734,7 +739,7 @@ class ResumeCheck:
         self, settings: dict[str, Any], restored_optimizer: dict[str, Any]
     ) -> list[tuple[str, Any, Any]]:
         """`(setting, old, new)` for each `APPLIED_ON_RESUME` setting this run changes: old values from the
-        restored optimizer (`models.optimizer_settings`, what was really in use) and the record, new ones
+        restored optimizer (`optimizers.optimizer_settings`, what was really in use) and the record, new ones
         from this run's `run_settings`."""
         old = {**self.record.get("settings", {}), **restored_optimizer}
         return [

@@ -54,6 +54,7 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
     "piecewise_constant",
+    "adafactor",  # kohya's: transformers' AdafactorSchedule, with Adafactor's relative step (optimizers.py)
 )
 
 

@@ -28,7 +28,6 @@ from ..files import atomic_write_text, remove_stale_temporaries
 from ..finite import non_finite_modules
 from ..model import get_adapter_state_dict
 from ..utils import format_number
-from .buckets import BucketBatchSampler, check_buckets
 from .checkpoint import (
     SCHEDULE_SETTINGS,
     Resumable,
@@ -61,21 +60,25 @@ from .models import (
     ADAPTER_NAME,
     Models,
     add_adapters,
-    apply_optimizer_settings,
     base_model_arch,
     freeze_base_models,
-    group_learning_rates,
     load_models,
     load_tokenizers,
-    make_lr_scheduler,
-    make_optimizer,
-    optimizer_settings,
     resolve_arch_defaults,
     text_encoder_adapter_config,
-    trainable_param_groups,
     unet_adapter_config,
     vae_in_float32,
     weight_dtype,
+)
+from .optimizers import (
+    apply_optimizer_settings,
+    check_optimizer,
+    group_learning_rates,
+    make_lr_scheduler,
+    make_optimizer,
+    optimizer_settings,
+    trainable_param_groups,
+    unet_rate_setting,
 )
 from .patterns import check_run_patterns
 from .plan import dry_run
@@ -134,7 +137,7 @@ class Run:
     optimizer: Any
     lr_scheduler: Any
     loader: Iterable[dict[str, Any]]
-    sampler: EpochSampler | BucketBatchSampler
+    sampler: EpochSampler
     state: TrainState
     tracker: Tracker
     result: TrainResult
@@ -205,6 +208,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     # files, no weights), so the scan can count caption tokens.
     arch = base_model_arch(cfg)
     resolve_arch_defaults(cfg, arch)
+    check_optimizer(cfg, 2 if arch == "sdxl" else 1)  # optimizer_args against its signature, the schedule
     check_text_encoding(cfg, arch)  # clip_skip is refused for SDXL before any weights load
     if cfg.text_encoder_2_lr is not None and not (arch == "sdxl" and cfg.train_text_encoder):
         logger.warning(
@@ -213,7 +217,6 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     tokenizers = load_tokenizers(cfg)
     summary = scan_training_data(cfg, tokenizers[0])
     logger.info("data: %s", "\n  ".join([summary.describe(), *summary.facts()]))
-    check_buckets(cfg, summary)  # bucket settings and every image's bucket, before any model is loaded
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
     check_run_patterns(cfg, unet_config)  # on the weightless UNet: keys that would set nothing
     fingerprint = dataset_fingerprint(summary)
@@ -233,7 +236,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models))
     loader, sampler = training_dataloader(cfg, summary)
     attach_latent_cache(cfg, loader.dataset, models.vae, accelerator)  # cache_latents: VAE once per image
-    schedule = compute_schedule(cfg, len(loader.dataset), accelerator.num_processes, num_batches=len(loader))
+    schedule = compute_schedule(cfg, len(loader.dataset), accelerator.num_processes)
     lr_scheduler = make_lr_scheduler(cfg, optimizer, schedule.max_train_steps, accelerator.num_processes)
     run = prepare(
         accelerator, cfg, summary, schedule, models, prediction_type, optimizer, lr_scheduler, loader, sampler
@@ -312,7 +315,7 @@ def prepare(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     loader: Any,
-    sampler: EpochSampler | BucketBatchSampler,
+    sampler: EpochSampler,
 ) -> Run:
     """Hand the trained models, optimizer, loader and LR scheduler to `accelerator.prepare` and return the
     `Run`; with checkpoints or a resume, check first that checkpoints can store this optimizer and scheduler.
@@ -394,7 +397,7 @@ def current_settings(run: Run) -> dict[str, Any]:
 
 def resume_run(run: Run, check: ResumeCheck) -> None:
     """Restore the checkpoint `check_resume` accepted, then use this run's optimizer hyperparameters, LR
-    schedule and length from the resumed step on (`models.apply_optimizer_settings`): one log line per
+    schedule and length from the resumed step on (`optimizers.apply_optimizer_settings`): one log line per
     changed setting, recorded in `run.changes` (later checkpoints, the file's metadata). The run keeps the
     start time of the run that wrote the checkpoint.
 
@@ -403,7 +406,7 @@ def resume_run(run: Run, check: ResumeCheck) -> None:
             adapter file).
     """
     load_checkpoint(run.accelerator, check.path, run.resumable)
-    restored = optimizer_settings(run.optimizer)
+    restored = optimizer_settings(run.cfg, run.optimizer)
     apply_optimizer_settings(run.cfg, run.optimizer, run.lr_scheduler)
     step = run.state.global_step
     changes = check.applied_changes(current_settings(run), restored)
@@ -654,7 +657,7 @@ def divergence_message(run: Run, header: str, *, before_any_update: bool) -> str
             "does not run in this precision) or the data"
         )
     else:
-        names = ("learning_rate", "text_encoder_lr", "text_encoder_2_lr")
+        names = (unet_rate_setting(cfg), "text_encoder_lr", "text_encoder_2_lr")
         group_rates = group_learning_rates(cfg, len(run.models.text_encoders))
         rates = ", ".join(f"{name} = {float(rate)!r}" for name, rate in zip(names, group_rates))
         scaling = format_number(cfg.effective_alpha / cfg.rank)

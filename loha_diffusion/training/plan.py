@@ -19,7 +19,6 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import adapter_layers, inject_adapter
 from ..utils import BYTES_PER_ELEMENT, human_size
-from .buckets import bucket_table, count_batches
 from .config import TrainConfig
 from .data import Schedule, compute_schedule, scan_training_data
 from .models import (
@@ -31,6 +30,7 @@ from .models import (
     text_encoder_adapter_config,
     unet_adapter_config,
 )
+from .optimizers import check_optimizer, optimizer_warnings
 from .patterns import check_patterns_on, pattern_lines
 
 HEADER_BYTES_PER_TENSOR = 160  # safetensors header entry: name, dtype, shape, offsets
@@ -147,6 +147,7 @@ def setting_warnings(cfg: TrainConfig) -> list[str]:
             f"lr_warmup_steps = {cfg.lr_warmup_steps} >= max_train_steps = {cfg.max_train_steps}: "
             "the learning rate never reaches its peak."
         )
+    warnings += optimizer_warnings(cfg)
     return warnings
 
 
@@ -246,17 +247,13 @@ def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
     (`DatasetSummary.report`), caption lengths counted with the base model's tokenizer when it can be loaded.
     `num_processes` defaults to accelerate's (the launcher's) process count.
 
-    With `enable_bucket` the data part ends with the bucket table (`buckets.bucket_table`) and the schedule
-    counts batches per bucket.
-
     Raises:
-        DataError: the training data cannot be used (see `data.scan_dataset`), or with `enable_bucket` an
-            image gets no bucket (see `buckets.assign_records`).
-        ConfigError: as `build_plan`, or the bucket settings do not fit together
-            (`buckets.BucketSettings.from_config`).
+        DataError: the training data cannot be used (see `data.scan_dataset`).
+        ConfigError: as `build_plan` and `optimizers.check_optimizer`.
     """
     arch = base_model_arch(cfg)
     resolve_arch_defaults(cfg, arch)
+    check_optimizer(cfg, 2 if arch == "sdxl" else 1)  # as `train` does, before the scan
     try:
         tokenizer, no_tokenizer = load_tokenizer(cfg), None
     except ConfigError as exc:
@@ -268,11 +265,6 @@ def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
         num_processes = PartialState().num_processes
     plan = build_plan(cfg, summary.num_samples, num_processes, arch=arch)
     data = summary.report()
-    if cfg.enable_bucket:  # batches of one bucket each: the schedule counts them per bucket
-        records = summary.epoch_records
-        batches = count_batches(cfg, records)
-        plan.schedule = compute_schedule(cfg, summary.num_samples, num_processes, num_batches=batches)
-        data += "\n  " + bucket_table(cfg, records).replace("\n", "\n  ")
     if no_tokenizer:
         data += f"\n  caption lengths not checked (no tokenizer: {no_tokenizer})"
     return format_plan(cfg, plan, data)

@@ -1,6 +1,10 @@
 """Training state without pickle: the nested dicts, lists and tuples of tensors and plain values that
-`state_dict()` of an optimizer (torch AdamW, bitsandbytes AdamW8bit), an LR scheduler or a gradient scaler
-returns, and the RNG states, stored as one JSON document plus one safetensors file.
+`state_dict()` of an optimizer, an LR scheduler or a gradient scaler returns, and the RNG states, stored as
+one JSON document plus one safetensors file. Every optimizer of `config.OPTIMIZER_TYPES` round-trips exactly
+(tests/test_training_optimizers.py): torch AdamW; bitsandbytes AdamW8bit (its 8-bit state, quantization maps
+and block maxima are tensors under `__bnb_optimizer_quant_state__`, the shared maps stored once per
+parameter); transformers' Adafactor (factored second moments, a 0-d `RMS` tensor, an int `step`; `eps` a
+pair); Lion; Prodigy (scalars `d`, `d_max`, `k`, ... in the parameter groups, `growth_rate` infinite).
 
 accelerate's `save_state` pickles these (`optimizer.bin`, `scheduler.bin`, `random_states_<rank>.pkl`, and
 `custom_checkpoint_0.pkl`, which `load_state` unpickles with `weights_only=False`): resuming from a folder
@@ -69,7 +73,8 @@ def _unstorable(what: str, path: str, found: str) -> str:
     return (
         f"cannot checkpoint {what}: its state holds {found} at `{path}`; checkpoints store only tensors, "
         "numbers, strings, booleans, None, lists, tuples and dicts (no pickle, so that a resume runs no code). "
-        "Use torch AdamW or bitsandbytes AdamW8bit and a diffusers LR scheduler, or set checkpointing_steps = 0."
+        "Use one of the optimizer_type values (AdamW, AdamW8bit, Adafactor, Lion, Prodigy) and a diffusers LR "
+        "scheduler, or set checkpointing_steps = 0."
     )
 
 
