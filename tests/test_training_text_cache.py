@@ -110,7 +110,7 @@ def test_disk_cache_is_read_back_and_keyed_by_encoding_and_weights(tiny_sd1_pipe
     assert len(list((tmp_path / "cache").glob("text-*.safetensors"))) == 9
 
 
-def run_losses(monkeypatch, flags: list[str]) -> tuple[list[float], int]:
+def run_losses(monkeypatch, flags: list[str], encoding: TextEncoding) -> tuple[list[float], int]:
     """The micro-batch losses of a tiny training run, and how many times the text encoders ran in its steps."""
     losses: list[float] = []
     encodings: set[TextEncoding] = set()
@@ -132,32 +132,36 @@ def run_losses(monkeypatch, flags: list[str]) -> tuple[list[float], int]:
     monkeypatch.setattr(loop, "unet_conditioning", counting_conditioning)
     loop.train(load_config(flags))
     monkeypatch.undo()
-    assert encodings == {TextEncoding(max_token_length=150, clip_skip=2)}
+    assert encodings == {encoding}
     return losses, encoder_calls
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("to_disk", [False, True])
-def test_cached_and_uncached_runs_give_the_same_losses(monkeypatch, tiny_sd1_pipeline_dir, tmp_path, to_disk):
-    """Long prompts, clip skip, a prefix and caption dropout, with and without the cache."""
+@pytest.mark.parametrize(
+    ("arch", "to_disk"), [("sd1", False), ("sd1", True), ("sdxl", False)], ids=["sd1", "sd1-disk", "sdxl"]
+)
+def test_cached_and_uncached_runs_give_the_same_losses(monkeypatch, request, tmp_path, arch, to_disk):
+    """Long prompts, a prefix and caption dropout (SD1 also clip skip), with and without the cache: the same
+    losses, and no text encoder in the cached run's steps."""
+    model = request.getfixturevalue(f"tiny_{arch}_pipeline_dir")
     data = make_dataset(tmp_path / "data", 3)
     toml = tmp_path / "long.toml"
     toml.write_text("max_token_length = 150\n")  # in a TOML: the command line compares the flag's string
+    clip_skip = 2 if arch == "sd1" else None
     common = {
         "max_train_steps": "4",
         "train_batch_size": "2",
-        "clip_skip": "2",
         "caption_prefix": "photo of",
         "caption_dropout_rate": "0.5",
         "cache_dir": str(tmp_path / "cache"),
         "config": str(toml),
+        **({"clip_skip": str(clip_skip)} if clip_skip else {}),
     }
-    plain, plain_calls = run_losses(
-        monkeypatch, base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "a", **common)
-    )
+    encoding = TextEncoding(max_token_length=150, clip_skip=clip_skip)
+    plain, plain_calls = run_losses(monkeypatch, base_flags(model, data, tmp_path / "a", **common), encoding)
     cache_flag = "cache_text_encoder_outputs_to_disk" if to_disk else "cache_text_encoder_outputs"
-    flags = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "b", **common, **{cache_flag: "true"})
-    cached, cached_calls = run_losses(monkeypatch, flags)
+    flags = base_flags(model, data, tmp_path / "b", **common, **{cache_flag: "true"})
+    cached, cached_calls = run_losses(monkeypatch, flags, encoding)
     assert plain_calls == len(plain) == 4 and cached_calls == 0
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain))
     assert len(list((tmp_path / "cache").glob("text-*.safetensors"))) == (
