@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training_loop import base_flags, make_dataset
 
 from loha_diffusion import tiny
 from loha_diffusion.errors import ConfigError
+from loha_diffusion.training import loop
 from loha_diffusion.training.conditioning import (
     TextEncoding,
     check_text_encoding,
@@ -19,7 +21,7 @@ from loha_diffusion.training.conditioning import (
     tokenize,
     unet_conditioning,
 )
-from loha_diffusion.training.config import TrainConfig
+from loha_diffusion.training.config import TrainConfig, load_config
 from loha_diffusion.training.models import Models
 
 CAPTIONS = ["a red car", "a photo of a dog on the beach at sunset"]
@@ -330,3 +332,18 @@ def test_long_prompt_embeds_drive_the_pipeline(tiny_sd1_pipeline):
         generator=torch.Generator().manual_seed(0),
     ).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_train_refuses_clip_skip_for_sdxl_before_loading_weights(
+    monkeypatch, tiny_sdxl_pipeline_dir, tmp_path
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the refusal")
+
+    monkeypatch.setattr(loop, "load_models", no_loading)
+    data = make_dataset(tmp_path / "data", 2)
+    cfg = load_config(
+        base_flags(tiny_sdxl_pipeline_dir, data, tmp_path / "out", clip_skip="2", max_train_steps="1")
+    )
+    with pytest.raises(ConfigError, match="clip_skip = 2 cannot be used with an SDXL base model"):
+        loop.train(cfg)
