@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .sample_prompts import read_sample_prompts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -303,6 +304,11 @@ class TrainConfig:
         "num_images",
         factory=list,
     )
+    sample_prompts: str | None = _f(
+        None,
+        "kohya's prompt file (.txt with --n/--w/--h/--d/--l/--s options per line, .toml or .json), rendered as "
+        "validation_prompts tables after them",
+    )
     validation_negative_prompt: str = _f("", "negative prompt of the validation_prompt images")
     validation_steps: int | None = _f(
         None,
@@ -350,6 +356,41 @@ class TrainConfig:
                 f"model_config = {self.model_config!r} is not a folder; give a local diffusers folder (with "
                 "model_index.json and the component configs), or leave it unset for the shipped configs"
             )
+        self._check_ranges()
+        for name in ("resolution", "validation_resolution", "bucket_reso_steps"):
+            value = getattr(self, name)
+            if value is not None and value % 8:
+                raise ConfigError(
+                    f"{name} = {value} is not divisible by 8 (the VAE downsamples by 8); "
+                    f"use {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}"
+                )
+        if not self.caption_separator:
+            raise ConfigError("caption_separator is empty; use ',' (kohya's default) or another separator")
+        parse_optimizer_args(self.optimizer_args)
+        check_validation_prompts(self.validation_prompts)
+        if self.sample_prompts is not None:
+            check_validation_prompts(read_sample_prompts(Path(self.sample_prompts).expanduser()))
+        self._resolve_and_check_caches()
+        if not self.caption_extension.startswith("."):
+            raise ConfigError(
+                f"caption_extension = {self.caption_extension!r} must start with a dot, e.g. '.txt'"
+            )
+        parse_color(self.background_color, "background_color")
+        if self.max_train_steps is None and self.num_train_epochs is None:
+            raise ConfigError("set max_train_steps or num_train_epochs (how long to train)")
+        if self.resume_from_checkpoint == "":
+            raise ConfigError("resume_from_checkpoint is empty; use 'latest' or a checkpoint folder")
+        if self.output_name is not None:
+            check_file_name(self.output_name, "output_name")
+        check_packages(self)
+        check_output_paths(self)
+
+    def _check_ranges(self) -> None:
+        """Every numeric setting within its range.
+
+        Raises:
+            ConfigError: the first setting out of range, with the range.
+        """
         for name in (
             "rank",
             "train_batch_size",
@@ -405,31 +446,6 @@ class TrainConfig:
             _check(f"rank_pattern[{key!r}]", value, lambda v: v >= 1, ">= 1")
         for key, value in self.alpha_pattern.items():
             _check(f"alpha_pattern[{key!r}]", value, lambda v: v > 0, "> 0")
-        for name in ("resolution", "validation_resolution", "bucket_reso_steps"):
-            value = getattr(self, name)
-            if value is not None and value % 8:
-                raise ConfigError(
-                    f"{name} = {value} is not divisible by 8 (the VAE downsamples by 8); "
-                    f"use {max(8, value // 8 * 8)} or {value // 8 * 8 + 8}"
-                )
-        if not self.caption_separator:
-            raise ConfigError("caption_separator is empty; use ',' (kohya's default) or another separator")
-        parse_optimizer_args(self.optimizer_args)
-        check_validation_prompts(self.validation_prompts)
-        self._resolve_and_check_caches()
-        if not self.caption_extension.startswith("."):
-            raise ConfigError(
-                f"caption_extension = {self.caption_extension!r} must start with a dot, e.g. '.txt'"
-            )
-        parse_color(self.background_color, "background_color")
-        if self.max_train_steps is None and self.num_train_epochs is None:
-            raise ConfigError("set max_train_steps or num_train_epochs (how long to train)")
-        if self.resume_from_checkpoint == "":
-            raise ConfigError("resume_from_checkpoint is empty; use 'latest' or a checkpoint folder")
-        if self.output_name is not None:
-            check_file_name(self.output_name, "output_name")
-        check_packages(self)
-        check_output_paths(self)
 
     def _resolve_and_check_caches(self) -> None:
         """Resolve `center_crop` and the `_to_disk` implications, and refuse cache settings that would serve
@@ -1053,6 +1069,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = f.metadata["choices"]
         if f.name == "optimizer_type":
             kwargs["type"] = canonical_optimizer_type
+        elif kind is int and f.metadata.get("choices"):  # argparse compares choices with the converted value
+            kwargs["type"] = int
         if kind is bool:
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         elif kind in (list, dict):
