@@ -3,6 +3,7 @@ the architecture, the resolution, per-encoder learning rates, and the base model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,136 @@ def test_kohya_tensor_dtype_follows_save_precision(tmp_path):
     with safe_open(path, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
         assert not any(k.startswith("lora_te") for k in f.keys())
+
+
+def test_issue_12_settings_in_the_metadata_under_kohyas_names(tmp_path):
+    """Buckets (kohya's bucket_info, hand-computed), caption tools, regularization images, long prompts, clip
+    skip and the optimizer with its arguments, as sd-scripts' train_network.py names and writes them."""
+    flags = (
+        "--resolution",
+        "256",
+        "--enable_bucket",
+        "--random_flip",
+        "--shuffle_caption",
+        "--keep_tokens",
+        "2",
+    )
+    flags += (
+        "--caption_tag_dropout_rate",
+        "0.1",
+        "--caption_dropout_rate",
+        "0.05",
+        "--prior_loss_weight",
+        "0.5",
+    )
+    flags += (
+        "--optimizer_type",
+        "adafactor",
+        "--optimizer_args",
+        "relative_step=False",
+        "scale_parameter=False",
+    )
+    flags += ("--unet_lr", "2e-4", "--clip_skip", "2", "--cache_latents")
+    cfg = config("m", tmp_path, *flags)
+    cfg.max_token_length = 225
+    data = Path("/home/someone/private/data")
+    records = (
+        ImageRecord(data / "10_cat" / "a.png", "a cat", repeats=10, size=(256, 256)),
+        ImageRecord(data / "10_cat" / "b.png", "a wide cat", repeats=10, size=(512, 256)),
+    )
+    reg = (ImageRecord(data / "reg" / "1_cat" / "r.png", "a cat", repeats=1, size=(200, 400), is_reg=True),)
+    summary = DatasetSummary(
+        root=data,
+        layout="kohya",
+        records=records,
+        skipped=(),
+        small_images=0,
+        regularization=DatasetSummary(
+            root=data / "reg", layout="kohya", records=reg, skipped=(), small_images=0
+        ),
+    )
+    schedule = Schedule(
+        num_samples=40,
+        num_processes=1,
+        batches_per_epoch=40,
+        update_steps_per_epoch=40,
+        max_train_steps=2,
+        num_epochs=1,
+        total_batch_size=1,
+    )
+    info = training_metadata(
+        cfg,
+        schedule,
+        summary,
+        prediction_type="epsilon",
+        mixed_precision="no",
+        started_at=0.0,
+        step=2,
+        epoch=1,
+    )
+    unet, _, _ = adapted_sdxl()
+    path = export_kohya(
+        tmp_path / "m.safetensors",
+        cfg,
+        unet=unet,
+        text_encoder=None,
+        prediction_type="epsilon",
+        training_info=info,
+    )
+    meta = read_metadata(path)
+    # kohya's sorted buckets of 256² pixels, sides 128-512 in steps of 64: (128,384) (128,448) (128,512)
+    # (192,320) (256,256) (320,192) ... The square image is bucket 4, the 2:1 one (320,192) = 5 (|5/3 - 2| =
+    # 1/3), the 1:2 regularization image (192,320) = 3 (|0.6 - 0.5| = 0.1), its repeats grown to the 20
+    # training samples.
+    assert json.loads(meta["ss_bucket_info"]) == {
+        "buckets": {
+            "3": {"resolution": [192, 320], "count": 20},
+            "4": {"resolution": [256, 256], "count": 10},
+            "5": {"resolution": [320, 192], "count": 10},
+        },
+        "mean_img_ar_error": pytest.approx((1 / 3 + 0.1) / 3),
+    }
+    expected = {
+        "ss_enable_bucket": "True",
+        "ss_min_bucket_reso": "128",
+        "ss_max_bucket_reso": "512",
+        "ss_bucket_no_upscale": "False",
+        "ss_flip_aug": "True",
+        "ss_random_crop": "False",
+        "ss_cache_latents": "True",
+        "ss_shuffle_caption": "True",
+        "ss_keep_tokens": "2",
+        "ss_caption_dropout_rate": "0.05",
+        "ss_caption_tag_dropout_rate": "0.1",
+        "ss_prior_loss_weight": "0.5",
+        "ss_num_reg_images": "1",
+        "ss_reg_dataset_dirs": json.dumps({"1_cat": {"n_repeats": 1, "img_count": 1}}),
+        "ss_dataset_dirs": json.dumps({"10_cat": {"n_repeats": 10, "img_count": 2}}),
+        "ss_num_train_images": "20",
+        "ss_max_token_length": "225",
+        "ss_clip_skip": "2",
+        "ss_optimizer": "transformers.optimization.Adafactor(relative_step=False,scale_parameter=False)",
+        "ss_unet_lr": "0.0002",
+        "ss_batch_size_per_device": "1",
+        "ss_num_batches_per_epoch": "40",
+    }
+    assert {k: meta.get(k) for k in expected} == expected
+
+
+def test_default_settings_leave_the_new_keys_out_or_false(tmp_path):
+    """Without buckets, reg images, long prompts or clip skip: kohya's False/0 values, the unset ones absent."""
+    cfg = config("m", tmp_path)
+    unet, _, _ = adapted_sdxl()
+    path = export_kohya(
+        tmp_path / "d.safetensors",
+        cfg,
+        unet=unet,
+        text_encoder=None,
+        prediction_type="epsilon",
+        training_info=metadata_for(cfg),
+    )
+    meta = read_metadata(path)
+    assert meta["ss_enable_bucket"] == "False" and meta["ss_num_reg_images"] == "0"
+    assert meta["ss_reg_dataset_dirs"] == "{}" and meta["ss_optimizer"] == "torch.optim.AdamW"
+    for key in ("ss_bucket_info", "ss_min_bucket_reso", "ss_max_token_length", "ss_clip_skip"):
+        assert key not in meta

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,11 @@ from ..formats.kohya.metadata import public_name
 from ..formats.peft import save_peft
 from ..single_file import checkpoint_hashes, is_single_file
 from ..utils import torch_dtype
+from .buckets import BucketSettings, assign_records, bucket_resolutions, record_size
 from .config import TrainConfig
 from .data import DatasetSummary, ImageRecord, Schedule
 from .models import ADAPTER_NAME
+from .optimizers import optimizer_description
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,79 @@ def dataset_facts(records: Iterable[ImageRecord]) -> dict[str, Any]:
         counter = tags.setdefault(folder, Counter())
         counter.update(t.strip() for t in record.caption.split(",") if t.strip())
     return {"dataset_dirs": dirs, "tag_frequency": {k: dict(v) for k, v in tags.items()}}
+
+
+def bucket_info(cfg: TrainConfig, records: Sequence[ImageRecord]) -> dict[str, Any] | None:
+    """kohya's `ss_bucket_info` (`BaseDataset.bucket_info`, library/train_util.py) of the epoch's `records`
+    (regularization images included, as kohya buckets them): `{"buckets": {index: {"resolution": [width,
+    height], "count": samples per epoch (repeats counted)}}, "mean_img_ar_error": mean |bucket w/h - image
+    w/h| over the images}`, the index being the bucket's place among kohya's sorted bucket resolutions (all
+    of `bucket_resolutions`, or with `bucket_no_upscale` the ones used); buckets without samples are left
+    out. None without `enable_bucket` (kohya writes null).
+
+    Raises:
+        ConfigError: the bucket settings do not fit together (`buckets.BucketSettings.from_config`).
+        DataError: an image gets no bucket, or a hand-built record's image cannot be read (`record_size`).
+    """
+    if not cfg.enable_bucket:
+        return None
+    settings = BucketSettings.from_config(cfg)
+    sizes = [record_size(r) for r in records]
+    choices = assign_records(records, settings, sizes)
+    if settings.no_upscale:
+        resolutions = sorted({c.bucket for c in choices})
+    else:
+        resolutions = sorted(
+            bucket_resolutions(settings.resolution, settings.min_reso, settings.max_reso, settings.steps)
+        )
+    counts: Counter = Counter()
+    for record, choice in zip(records, choices):
+        counts[choice.bucket] += record.repeats
+    buckets = {
+        i: {"resolution": list(reso), "count": counts[reso]}
+        for i, reso in enumerate(resolutions)
+        if counts[reso]
+    }
+    errors = [abs(c.bucket[0] / c.bucket[1] - w / h) for c, (w, h) in zip(choices, sizes)]
+    return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
+def data_settings(cfg: TrainConfig, summary: DatasetSummary) -> dict[str, Any]:
+    """The data, caption and text-encoding settings of issue 12 under sd-scripts' `ss_*` names
+    (train_network.py's metadata; booleans as Python writes them, "True"/"False", as kohya's `str()` does):
+    `ss_enable_bucket`, `ss_min_bucket_reso` / `ss_max_bucket_reso` (resolved; only with buckets, kohya's
+    None otherwise), `ss_bucket_no_upscale`, `ss_bucket_info` (`bucket_info`), `ss_flip_aug`,
+    `ss_random_crop`, `ss_cache_latents`, `ss_shuffle_caption`, `ss_keep_tokens`,
+    `ss_caption_dropout_rate`, `ss_caption_tag_dropout_rate`, `ss_prior_loss_weight`, `ss_num_reg_images`
+    (regularization images times their folders' repeats, kohya's count before it grows them to the training
+    samples), `ss_reg_dataset_dirs` (`{folder: {"n_repeats", "img_count"}}`), `ss_max_token_length`,
+    `ss_clip_skip` (None values are left out of the file).
+
+    Raises:
+        ConfigError: the bucket settings do not fit together.
+        DataError: an image gets no bucket.
+    """
+    settings = BucketSettings.from_config(cfg) if cfg.enable_bucket else None
+    reg = summary.regularization.records if summary.regularization is not None else ()
+    return {
+        "ss_enable_bucket": str(bool(cfg.enable_bucket)),
+        "ss_min_bucket_reso": settings.min_reso if settings else None,
+        "ss_max_bucket_reso": settings.max_reso if settings else None,
+        "ss_bucket_no_upscale": str(bool(settings and settings.no_upscale)),
+        "ss_bucket_info": bucket_info(cfg, summary.epoch_records),
+        "ss_flip_aug": str(bool(cfg.random_flip)),
+        "ss_random_crop": str(cfg.center_crop is False),
+        "ss_cache_latents": str(bool(cfg.cache_latents)),
+        "ss_shuffle_caption": str(bool(cfg.shuffle_caption)),
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_num_reg_images": sum(r.repeats for r in reg),
+        "ss_reg_dataset_dirs": dataset_facts(reg)["dataset_dirs"],
+        "ss_max_token_length": cfg.max_token_length,
+        "ss_clip_skip": cfg.clip_skip,
+    }
 
 
 def base_model_facts(cfg: TrainConfig) -> dict[str, str]:
@@ -119,22 +194,31 @@ def training_metadata(
     (`text_encoder_lrs`). Only names go into the file, never local paths: the base model as `base_model_facts`
     says (name, and a single file's hashes), the dataset keys are folder names. `ss_resolution` and
     `modelspec.resolution` are `cfg.resolution` (the architecture's default once `resolve_arch_defaults` ran:
-    1024 for SDXL).
+    1024 for SDXL). As sd-scripts' train_network.py: `ss_num_train_images` counts images times repeats,
+    `ss_unet_lr` is the UNet's rate (`unet_lr`, else `learning_rate`), `ss_optimizer` the optimizer class and
+    its `optimizer_args` (`optimizers.optimizer_description`), and the data, caption, bucket and text-encoding
+    settings are `data_settings`.
 
     Raises:
-        OSError: the single-file base model cannot be read to hash it."""
+        OSError: the single-file base model cannot be read to hash it.
+        ConfigError: the bucket settings do not fit together (checked at the start of a run already).
+        DataError: an image gets no bucket (checked at the start of a run already)."""
     return {
         "max_train_steps": schedule.max_train_steps,
         "resolution": cfg.resolution,
-        "num_train_images": len(summary.records),
+        "num_train_images": summary.num_train_samples,
         "training_started_at": started_at,
         "learning_rate": cfg.learning_rate,
-        "unet_lr": cfg.learning_rate,
+        "unet_lr": cfg.effective_unet_lr,
         "text_encoder_lr": text_encoder_lrs(cfg, arch),
         "lr_scheduler": cfg.lr_scheduler,
-        "optimizer": cfg.optimizer_type,
+        "optimizer": optimizer_description(cfg),
         "batch_size": schedule.total_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_batch_size_per_device": cfg.train_batch_size,
+        "ss_num_batches_per_epoch": schedule.batches_per_epoch,
+        "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_max_grad_norm": cfg.max_grad_norm,
         "mixed_precision": mixed_precision,
         "seed": cfg.seed,
         "noise_offset": cfg.noise_offset or None,
@@ -142,6 +226,7 @@ def training_metadata(
         **base_model_facts(cfg),
         "prediction_type": prediction_type,
         **dataset_facts(summary.records),
+        **data_settings(cfg, summary),
         "steps": step,
         "epoch": epoch,
         "epochs": schedule.num_epochs,
