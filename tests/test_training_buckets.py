@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
@@ -40,6 +41,7 @@ from loha_diffusion.training.data import (
     make_dataloader,
     scan_dataset,
     training_dataloader,
+    transform_image,
 )
 from loha_diffusion.training.loop import main, train
 
@@ -418,3 +420,64 @@ def test_two_processes_take_alternate_bucket_batches(tiny_sd1_pipeline_dir, tmp_
     assert any(v.abs().sum() > 0 for k, v in one.items() if k.endswith("hada_w2_a"))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
+
+
+def _square_transform_before_buckets(image, resolution, *, center_crop, random_flip, generator):
+    """`data.transform_image` as it was before buckets (square targets only): the reference the new code
+    must reproduce exactly, draws included."""
+    original_size = (image.height, image.width)
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+    width, height = image.size
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    flip = bool(torch.rand((), generator=generator) < 0.5)
+    if random_flip and flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = width - resolution - left
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, original_size, (top, left)
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+@pytest.mark.parametrize("random_flip", [True, False])
+def test_square_samples_are_those_of_before(tmp_path, center_crop, random_flip):
+    """Without buckets, `transform_image` gives the earlier pixels, offsets and generator stream exactly."""
+    data = write_images(tmp_path, [(64, 32), (33, 71), (40, 40), (17, 29)])
+    for path in sorted(data.glob("*.png")):
+        image = Image.open(path).convert("RGB")
+        for seed in range(4):
+            new_gen, old_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            new = transform_image(
+                image, 24, center_crop=center_crop, random_flip=random_flip, generator=new_gen
+            )
+            pixels, original, crop = _square_transform_before_buckets(
+                image, 24, center_crop=center_crop, random_flip=random_flip, generator=old_gen
+            )
+            assert (
+                torch.equal(new.pixels, pixels)
+                and new.original_size == original
+                and new.crop_top_left == crop
+            )
+            assert torch.equal(torch.rand(3, generator=new_gen), torch.rand(3, generator=old_gen))
+
+
+def test_transform_to_a_height_width_target(tmp_path):
+    image = Image.new("RGB", (100, 30), (0, 0, 0))
+    ImageDraw.Draw(image).rectangle((0, 0, 9, 29), fill=(255, 255, 255))  # a white left edge
+    gen = torch.Generator().manual_seed(0)
+    out = transform_image(image, (16, 56), center_crop=True, random_flip=True, generator=gen)
+    assert out.pixels.shape == (3, 16, 56) and out.original_size == (30, 100)
+    # Covers 16x56 at 56x17 (the width fits), one row cropped at the bottom; the white left edge stays, on the
+    # right when the sample's flip coin (the first draw of a centre crop) says flip.
+    assert out.crop_top_left == (0, 0)
+    flipped = bool(torch.rand((), generator=torch.Generator().manual_seed(0)) < 0.5)
+    assert out.pixels[:, :, -1 if flipped else 0].min() > 0.9
+    assert out.pixels[:, :, 0 if flipped else -1].max() < -0.9
