@@ -16,9 +16,9 @@ crop cannot be cached and `config.validate` refuses it) in batches of `vae_batch
 `cache_latents_to_disk` also keeps them in `cache_dir` (default `<train_data_dir>/.loha_cache`) through
 `cache_store.CacheStore`, one `latents-<key>.safetensors` per entry, where the key hashes everything that
 determines the latent: the image file's content (sha256 of its bytes; an image edited in place under the same
-name gets a new key), the target size, the flip, the crop and resize rule (`TRANSFORM_RULE`), the reader's
-`background_color` (what transparency becomes), and the VAE (`vae_identity`: its class, config, dtype and a
-sha256 of its weights, computed once per run). So a changed image or setting is encoded again, never served
+name gets a new key), the target size, the flip, the crop and resize rule (`TRANSFORM_RULE`, and the bucket
+settings with buckets: `resize_rule`), the reader's `background_color` (what transparency becomes), and the VAE
+(`vae_identity`: its class, config, dtype and a sha256 of its weights, computed once per run). So a changed image or setting is encoded again, never served
 stale; a damaged file is encoded again with a warning. Old entries are never deleted by a run (remove the
 folder to reclaim the space).
 
@@ -30,6 +30,7 @@ caching: validation decodes with it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,7 @@ __all__ = [
     "encode_entries",
     "entry_disk_key",
     "latent_cache_dir",
+    "resize_rule",
     "vae_identity",
 ]
 
@@ -113,13 +115,23 @@ def vae_identity(vae: Any) -> str:
     return make_key(type(vae).__name__, config, str(vae.dtype), state_dict_sha256(vae))
 
 
-def entry_disk_key(entry: CacheEntry, content_sha256: str, vae_id: str) -> str:
+def resize_rule(dataset: CaptionedImageDataset) -> object:
+    """What decides the size an image is resized to before its crop, besides the image and its target size:
+    "cover" (scaled to cover the square resolution), or with buckets the bucket settings (with
+    `bucket_no_upscale` the resize depends on the resolution and steps; the other settings are kept too,
+    which re-encodes more than needed when they change, never less)."""
+    buckets = getattr(dataset, "buckets", None)
+    return "cover" if buckets is None else {"buckets": dataclasses.asdict(buckets)}
+
+
+def entry_disk_key(entry: CacheEntry, content_sha256: str, vae_id: str, resize: object = "cover") -> str:
     """The disk-cache key of `entry` (see the module docstring): its image content, size, flip, transform
-    rule, the reader's background colour, and the VAE."""
+    rule and `resize` rule (`resize_rule`), the reader's background colour, and the VAE."""
     reader: ImageReader = entry.record.reader
     return make_key(
         "latents",
         TRANSFORM_RULE,
+        resize,
         content_sha256,
         [int(entry.size[0]), int(entry.size[1])],
         bool(entry.flip),
@@ -245,6 +257,7 @@ def build_latent_cache(
         return cache
     store = CacheStore(latent_cache_dir(cfg), "latents")
     vae_id = vae_identity(vae)
+    resize = resize_rule(dataset)
     hashes: dict[Path, str] = {}
     keys = []
     for entry in entries:
@@ -254,7 +267,7 @@ def build_latent_cache(
                 hashes[path] = file_sha256(path)
             except OSError as exc:
                 raise DataError(f"{path}: cannot be read to cache its latent ({exc})") from exc
-        keys.append(entry_disk_key(entry, hashes[path], vae_id))
+        keys.append(entry_disk_key(entry, hashes[path], vae_id, resize))
     encoded = 0
     if is_main:
         by_key, encoded = _disk_params(
