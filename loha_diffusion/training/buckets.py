@@ -13,8 +13,10 @@ as in kohya).
 `(seed, epoch)` only (kohya shuffles each bucket, cuts it into batches, the last possibly smaller, and shuffles
 the batches), so a resumed run and every process of a multi-process run see the same batches.
 
-diffusers has no general bucketing helper (its training examples crop to a square); the rules here are
-kohya's, which its users' datasets and settings expect.
+diffusers has no training bucketing helper: its training examples crop to a square, and the bucket functions
+it has (0.42: HunyuanVideo 1.5's `get_closest_ratio`, JoyImage's `find_best_bucket`) are inference helpers
+private to those pipelines, with other bucket lists and no batch sampler. The rules here are kohya's, which its
+users' datasets and settings expect.
 """
 
 from __future__ import annotations
