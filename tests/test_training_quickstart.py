@@ -43,7 +43,9 @@ def test_quickstart_learns_and_exports(tiny_sd1_pipeline_dir, tmp_path, monkeypa
     grids = sorted((tmp_path / "quickstart" / "validation").glob("step-*.png"))
     every = cfg.validation_steps
     assert [g.name for g in grids] == [
-        f"step-{s:06d}.png" for s in range(every, cfg.max_train_steps + 1, every)
+        f"step-{s:06d}-prompt-{i:02d}.png"
+        for s in range(every, cfg.max_train_steps + 1, every)
+        for i in range(len(cfg.validation_prompt))
     ]
     assert list((tmp_path / "quickstart" / "logs").rglob("events.out.tfevents.*"))
     assert [p.name for p in (tmp_path / "quickstart").glob("checkpoint-*")] == [

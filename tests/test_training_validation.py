@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_training_loop import base_flags, make_dataset
 
 from loha_diffusion.config import LoHaConfig
+from loha_diffusion.errors import ConfigError
 from loha_diffusion.formats.kohya import save_kohya
 from loha_diffusion.model import adapter_layers, get_adapter_state_dict, inject_adapter
 from loha_diffusion.pipeline import list_adapters, load_adapter
@@ -25,11 +26,14 @@ from loha_diffusion.training.config import load_config
 from loha_diffusion.training.data import ImageRecord
 from loha_diffusion.training.loop import train
 from loha_diffusion.training.models import Models, load_models
+from loha_diffusion.training.sample_prompts import read_sample_prompts
 from loha_diffusion.training.validation import (
     VALIDATION_ADAPTER,
+    ValidationPrompt,
     fixed_denoising_loss,
     inference_scheduler,
     make_validator,
+    resolve_validation_prompts,
     validation_adapter,
 )
 
@@ -297,7 +301,10 @@ def test_validation_of_a_single_file_base(tiny_sd1_single_file, tiny_sd1_pipelin
     validator = make_validator(cfg, SimpleNamespace(is_main_process=True), models)
     assert isinstance(validator.pipeline().scheduler, PNDMScheduler)
     image = np.asarray(validator.images(adapter_file)[0][0], dtype=np.int16)
-    assert np.abs(image - fresh_render(tiny_sd1_pipeline_dir, adapter_file, validator.prompts[0].seed)).max() <= 1
+    assert (
+        np.abs(image - fresh_render(tiny_sd1_pipeline_dir, adapter_file, validator.prompts[0].seed)).max()
+        <= 1
+    )
 
 
 def test_validation_during_training_does_not_change_what_is_trained(tiny_sd1_pipeline_dir, tmp_path):
@@ -314,3 +321,157 @@ def test_validation_during_training_does_not_change_what_is_trained(tiny_sd1_pip
     first, second = (load_file(str(result.kohya_file)) for result in results)
     assert first.keys() == second.keys() and any(k.startswith("lora_te_") for k in first)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_each_prompt_renders_with_its_own_settings(tiny_sd1_pipeline_dir, tmp_path):
+    """`validation_prompt` (run-wide settings) then `[[validation_prompts]]` tables: one file per prompt at its
+    size with its image count; the same prompt and seed give the same image, another seed or a negative
+    prompt another; prompts without a seed get seed + index; prompts.json lists what each index is."""
+    tables = [
+        {"prompt": PROMPT, "seed": 7, "width": 64, "height": 32},
+        {"prompt": PROMPT, "seed": 7, "width": 64, "height": 32},
+        {"prompt": PROMPT, "seed": 8, "width": 64, "height": 32},
+        {"prompt": PROMPT, "seed": 7, "width": 64, "height": 32, "negative_prompt": "a blue circle"},
+        {"prompt": "a green square", "width": 32, "height": 48, "num_images": 2, "guidance_scale": 1.0},
+    ]
+    cfg = validation_config(tiny_sd1_pipeline_dir, tmp_path, "--seed", "100")
+    cfg.validation_prompts = tables
+    models = run_models(tiny_sd1_pipeline_dir, "sd1")
+    add_trained_adapters(models)
+    adapter_file = export(models, tmp_path / "a.safetensors")
+    validator = make_validator(cfg, SimpleNamespace(is_main_process=True), models)
+    assert [p.seed for p in validator.prompts] == [100, 7, 7, 8, 7, 105]
+    assert validator.prompts[0] == ValidationPrompt(PROMPT, "", 100, 64, 64, 3, 3.0, 1)
+    assert validator.prompts[5] == ValidationPrompt("a green square", "", 105, 32, 48, 3, 1.0, 2)
+
+    rendered = validator.render(adapter_file, step=12)
+    assert [r.path.name for r in rendered] == [f"step-000012-prompt-{i:02d}.png" for i in range(6)]
+    sizes = [Image.open(r.path).size for r in rendered]
+    assert sizes == [(64, 64), (64, 32), (64, 32), (64, 32), (64, 32), (64, 48)]  # 2 images of 32x48 in a row
+    pixels = [np.asarray(Image.open(r.path), dtype=np.int16) for r in rendered]
+    assert np.array_equal(pixels[1], pixels[2])  # same prompt, seed and settings
+    assert np.abs(pixels[1] - pixels[3]).max() > 8  # another seed
+    assert np.abs(pixels[1] - pixels[4]).max() > 8  # a negative prompt
+    assert np.abs(pixels[5][:, :32] - pixels[5][:, 32:]).max() > 8  # two different draws of one prompt
+    described = json.loads((tmp_path / "out" / "validation" / "prompts.json").read_text())
+    assert [d["index"] for d in described] == list(range(6))
+    assert described[4]["negative_prompt"] == "a blue circle"
+    # The same seed renders the same image at every validation: the files of a later step equal these.
+    again = validator.render(adapter_file, step=13)
+    assert all(
+        np.array_equal(np.asarray(r.grid, dtype=np.int16), p) for r, p in zip(again, pixels, strict=True)
+    )
+
+
+def test_kohya_sample_prompts_file(tmp_path):
+    """kohya's `--sample_prompts` .txt lines (`--n --w --h --d --l --s`), .toml ([prompt] + [[prompt.subset]])
+    and .json become validation prompt tables with kohya's rounding; mistakes name the file and line."""
+    txt = tmp_path / "prompts.txt"
+    txt.write_text(
+        "# my prompts\n\na photo of sks dog --n blurry, low quality --w 516 --h 768 --d 42 --l 7.5 --s 28\n"
+        "sks dog in the snow --ss euler_a\n",
+        encoding="utf-8",
+    )
+    assert read_sample_prompts(txt) == [
+        {
+            "prompt": "a photo of sks dog",
+            "negative_prompt": "blurry, low quality",
+            "width": 512,  # kohya rounds down to a multiple of 8
+            "height": 768,
+            "seed": 42,
+            "guidance_scale": 7.5,
+            "num_inference_steps": 28,
+        },
+        {"prompt": "sks dog in the snow"},  # the sampler is dropped (the base model's sampler renders)
+    ]
+    toml = tmp_path / "prompts.toml"
+    toml.write_text(
+        '[prompt]\nnegative_prompt = "ugly"\nsample_steps = 20\nwidth = 512\nheight = 512\nscale = 6\n\n'
+        '[[prompt.subset]]\nprompt = "a dog"\nseed = 1\n\n[[prompt.subset]]\nprompt = "a cat"\nwidth = 768\n',
+        encoding="utf-8",
+    )
+    shared = {"negative_prompt": "ugly", "num_inference_steps": 20, "height": 512, "guidance_scale": 6}
+    assert read_sample_prompts(toml) == [
+        {**shared, "prompt": "a dog", "seed": 1, "width": 512},
+        {**shared, "prompt": "a cat", "width": 768},
+    ]
+    js = tmp_path / "prompts.json"
+    js.write_text(json.dumps([{"prompt": "a dog", "scale": 5, "sample_steps": 2000}, "a cat --d 3"]))
+    assert read_sample_prompts(js) == [
+        {"prompt": "a dog", "guidance_scale": 5, "num_inference_steps": 1000},
+        {"prompt": "a cat", "seed": 3},
+    ]
+    txt.write_text("a dog --w wide\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"prompts.txt line 1: --w 'wide' is not an integer"):
+        read_sample_prompts(txt)
+    txt.write_text("a dog\na cat --x 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"prompts.txt line 2: unknown or empty option '--x'"):
+        read_sample_prompts(txt)
+    with pytest.raises(ConfigError, match="use a .txt, .toml or .json file"):
+        read_sample_prompts(tmp_path / "prompts.yaml")
+
+
+def test_sample_prompts_join_the_validation_prompts(tiny_sd1_pipeline_dir, tmp_path):
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("a dog --n cat --w 72 --h 80\na cat --d 5\n", encoding="utf-8")
+    cfg = validation_config(tiny_sd1_pipeline_dir, tmp_path, "--seed", "10")
+    cfg.validation_prompts = [{"prompt": "a bird", "num_images": 3}]
+    cfg.sample_prompts = str(txt)
+    prompts = resolve_validation_prompts(cfg)
+    assert [(p.prompt, p.negative_prompt, p.seed, p.width, p.height, p.num_images) for p in prompts] == [
+        (PROMPT, "", 10, 64, 64, 1),
+        ("a bird", "", 11, 64, 64, 3),
+        ("a dog", "cat", 12, 72, 80, 1),
+        ("a cat", "", 5, 64, 64, 1),
+    ]
+    txt.write_text("a dog --w 32 --s 0\n", encoding="utf-8")  # steps are clamped to >= 1 as kohya does
+    assert resolve_validation_prompts(cfg)[2].num_inference_steps == 1
+
+
+def tensorboard_images(logging_dir: Path) -> dict[str, list[int]]:
+    """Image tag -> the steps it was logged at, read back from the TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found: dict[str, list[int]] = {}
+    for folder in sorted({path.parent for path in logging_dir.rglob("events.out.tfevents.*")}):
+        accumulator = EventAccumulator(str(folder), size_guidance={"images": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["images"]:
+            found.setdefault(tag, []).extend(event.step for event in accumulator.Images(tag))
+    return found
+
+
+def test_validation_every_n_epochs_to_disk_and_tensorboard(tiny_sd1_pipeline_dir, tmp_path):
+    """Every epoch (`validation_epochs`, kohya's `sample_every_n_epochs`) and every 4 steps: steps 2 and 4 (the
+    epoch and step triggers of step 4 validate once), and the end (step 6); images to disk and TensorBoard (one
+    image per prompt, the prompt in its tag); the trained tensors equal those of a run without validation."""
+    data = make_dataset(tmp_path / "data", 4)
+    common = {"max_train_steps": "6", "rank_dropout": "0.2", "train_batch_size": "2"}
+    plain = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "plain", **common)
+    validated = base_flags(
+        tiny_sd1_pipeline_dir, data, tmp_path / "validated", report_to="tensorboard", **common
+    )
+    validated += [
+        "--sample_every_n_epochs",
+        "1",
+        "--validation_steps",
+        "4",
+        "--validation_num_inference_steps",
+        "2",
+    ]
+    tables = [
+        {"prompt": PROMPT, "num_images": 1},
+        {"prompt": "a blue/green square", "width": 48, "num_images": 1},
+    ]
+    results = [train(load_config(plain)), train(load_config(validated, validation_prompts=tables))]
+    assert sorted(results[0].eval_losses) == [0, 6] and not results[0].validation_images
+    assert sorted(results[1].eval_losses) == [0, 2, 4, 6]
+    assert [p.name for p in results[1].validation_images] == [
+        f"step-{s:06d}-prompt-{i:02d}.png" for s in (2, 4, 6) for i in range(2)
+    ]
+    assert tensorboard_images(results[1].logging_dir) == {
+        f"validation/00 {PROMPT}": [2, 4, 6],
+        "validation/01 a blue|green square": [2, 4, 6],
+    }
+    first, second = (load_file(str(result.kohya_file)) for result in results)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
