@@ -475,3 +475,22 @@ def test_validation_every_n_epochs_to_disk_and_tensorboard(tiny_sd1_pipeline_dir
     }
     first, second = (load_file(str(result.kohya_file)) for result in results)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_long_prompts_render_whole_with_max_token_length(tiny_sd1_pipeline_dir, tmp_path):
+    """Validation encodes prompts as training encodes captions: with max_token_length = 150 the words after the
+    first 75 tokens change the image; without it they are cut off (CLIP's 77), as in a plain pipeline."""
+    head = " ".join(["a"] * 80)
+    tables = [{"prompt": f"{head} {'red circle ' * 30}"}, {"prompt": f"{head} {'blue square ' * 30}"}]
+    models = run_models(tiny_sd1_pipeline_dir, "sd1")
+    add_trained_adapters(models)
+    adapter_file = export(models, tmp_path / "a.safetensors")
+    pixels = {}
+    for flags in ((), ("--max_token_length", "150")):
+        cfg = validation_config(tiny_sd1_pipeline_dir, tmp_path, *flags)
+        cfg.validation_prompt, cfg.validation_prompts = [], [{**t, "seed": 1} for t in tables]
+        validator = make_validator(cfg, SimpleNamespace(is_main_process=True), models)
+        pixels[flags] = [np.asarray(images[0], dtype=np.int16) for images in validator.images(adapter_file)]
+    cut, whole = pixels[()], pixels[("--max_token_length", "150")]
+    assert np.array_equal(cut[0], cut[1])
+    assert np.abs(whole[0] - whole[1]).max() > 0  # exactly equal if the second window were cut

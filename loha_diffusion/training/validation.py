@@ -1,13 +1,20 @@
-"""Validation during training: image grids rendered through `loha_diffusion.pipeline.load_adapter` from the
-exported file (so training and inference use the same path), and a fixed-set denoising loss.
+"""Validation during training: each validation prompt's images rendered through
+`loha_diffusion.pipeline.load_adapter` from the exported file (so training and inference use the same path),
+and a fixed-set denoising loss.
+
+The prompts (`resolve_validation_prompts`) come from `validation_prompt` (run-wide settings), the
+`[[validation_prompts]]` tables and kohya's `sample_prompts` file, each with its own negative prompt, seed,
+size, steps, guidance and image count; they are encoded as training encodes captions (max_token_length,
+clip_skip). Each prompt's images go to `validation/step-<step>-prompt-<index>.png` (one row per file, so
+prompts of different sizes need no padding) and to the tracker as one image per prompt.
 
 The validation pipeline is built from the run's own modules (UNet, text encoder(s), VAE, tokenizer(s)), not
 loaded a second time: a second SD1.5 UNet and text encoder would hold ≈2 GB more on the device in fp16, SDXL's
 ≈6.8 GB. The exported file is loaded into those modules as a second adapter, `VALIDATION_ADAPTER`, which alone
 is active while rendering; afterwards it is deleted and the trained adapter's state (active adapters,
-train/eval modes, random states) is restored exactly (`validation_adapter`). Rendering runs in the modules' own dtypes, as a
-user's half-precision pipeline with `load_adapter` does (adapter factors fp32, their delta cast to the layer's
-dtype); the VAE decodes in its own dtype (SDXL's fp32 VAE under fp16 weights).
+train/eval modes, random states) is restored exactly (`validation_adapter`). Rendering runs in the modules'
+own dtypes, as a user's half-precision pipeline with `load_adapter` does (adapter factors fp32, their delta
+cast to the layer's dtype); the VAE decodes in its own dtype (SDXL's fp32 VAE under fp16 weights).
 """
 
 from __future__ import annotations
