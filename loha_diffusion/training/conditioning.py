@@ -159,9 +159,12 @@ def join_windows(states: torch.Tensor, windows: int) -> torch.Tensor:
 
 
 def _final_layer_norm(text_encoder: Any) -> Any:
-    """The final layer norm of a (possibly DDP-wrapped) CLIP text encoder: `CLIPTextModel.final_layer_norm`
-    in transformers 5, `.text_model.final_layer_norm` before it (and in `CLIPTextModelWithProjection`)."""
-    module = getattr(text_encoder, "module", text_encoder)
+    """The final layer norm of a CLIP text encoder, also when DDP-wrapped (`.module`) or compiled
+    (`._orig_mod`): `CLIPTextModel.final_layer_norm` in transformers 5, `.text_model.final_layer_norm` before
+    it (and in `CLIPTextModelWithProjection`)."""
+    module = text_encoder
+    for wrapper in ("module", "_orig_mod"):
+        module = getattr(module, wrapper, module)
     if hasattr(module, "final_layer_norm"):
         return module.final_layer_norm
     return module.text_model.final_layer_norm
