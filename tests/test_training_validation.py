@@ -494,3 +494,34 @@ def test_long_prompts_render_whole_with_max_token_length(tiny_sd1_pipeline_dir, 
     cut, whole = pixels[()], pixels[("--max_token_length", "150")]
     assert np.array_equal(cut[0], cut[1])
     assert np.abs(whole[0] - whole[1]).max() > 0  # exactly equal if the second window were cut
+
+
+def test_sdxl_prompt_tables(tiny_sdxl_pipeline_dir, tmp_path):
+    """SDXL: a non-square prompt renders at its size; an empty negative prompt is the pipeline's "none" (zeros,
+    `force_zeros_for_empty_prompt`), so the image equals a user's pipeline call without one; a negative prompt
+    changes it."""
+    models = run_models(tiny_sdxl_pipeline_dir, "sdxl")
+    add_trained_adapters(models)
+    adapter_file = export(models, tmp_path / "a.safetensors")
+    cfg = validation_config(tiny_sdxl_pipeline_dir, tmp_path)
+    cfg.validation_prompt = []
+    cfg.validation_prompts = [
+        {"prompt": PROMPT, "seed": 3, "width": 64, "height": 32},
+        {"prompt": PROMPT, "seed": 3, "width": 64, "height": 32, "negative_prompt": "a blue circle"},
+    ]
+    validator = make_validator(cfg, SimpleNamespace(is_main_process=True), models)
+    plain, negative = (np.asarray(images[0], dtype=np.int16) for images in validator.images(adapter_file))
+    assert plain.shape == (32, 64, 3) and np.abs(plain - negative).max() > 8
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    load_adapter(pipe, adapter_file)
+    generator = torch.Generator("cpu").manual_seed(3)
+    kwargs = {
+        "height": 32,
+        "width": 64,
+        "num_inference_steps": 3,
+        "guidance_scale": 3.0,
+        "generator": generator,
+    }
+    users = np.asarray(pipe(PROMPT, **kwargs).images[0], dtype=np.int16)
+    assert np.abs(plain - users).max() <= 1
