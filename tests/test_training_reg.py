@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from loha_diffusion.errors import DataError
@@ -250,3 +251,49 @@ def test_images_that_are_both_training_and_reg_images_are_refused(tmp_path):
     train, _ = write_dataset(tmp_path)
     with pytest.raises(DataError, match=r"3 images are both a training image .*t0\.png.*folder of their own"):
         scan_training_data(config(train, train / "10_sks dog"))
+
+
+def test_reg_samples_reach_the_loss_with_prior_loss_weight(tiny_sd1_pipeline_dir, tmp_path, monkeypatch):
+    """A tiny run with reg images: one epoch holds kohya's count of reg samples, each weighted
+    prior_loss_weight in the loss the optimizer steps on (checked against the same batch's loss with other
+    weights: the loss is linear in the per-sample weights, kohya's `loss * loss_weights`)."""
+    from loha_diffusion.training import loop
+
+    train, reg = tmp_path / "train", tmp_path / "reg"
+    for i in range(2):  # 2 images x 2 repeats = 4 training samples -> the one reg image gets 4 repeats
+        make_image(train / "2_sks dog" / f"t{i}.png", color=(255, 60 * i, 0))
+        (train / "2_sks dog" / f"t{i}.txt").write_text("sks dog")
+    make_image(reg / "1_dog" / "r0.png", color=(0, 0, 255))
+    flags = {
+        "pretrained_model_name_or_path": str(tiny_sd1_pipeline_dir),
+        "train_data_dir": str(train),
+        "reg_data_dir": str(reg),
+        "on_missing_caption": "folder_name",
+        "prior_loss_weight": "0.25",
+        "output_dir": str(tmp_path / "out"),
+        "resolution": "32",
+        "rank": "2",
+        "preset": "attn",
+        "train_batch_size": "4",
+        "max_train_steps": "2",  # 8 samples per epoch: one epoch
+        "report_to": "none",
+        "save_peft_format": "false",
+        "seed": "3",
+    }
+    seen: list[tuple[str, float]] = []
+    original = loop.batch_loss
+
+    def batch_loss(run, batch):
+        weights = batch["loss_weights"]
+        seen.extend(zip(batch["captions"], weights.tolist()))
+        loss = original(run, batch)
+        is_reg = torch.tensor([c == "dog" for c in batch["captions"]], dtype=torch.float32)
+        with torch.no_grad():
+            all_ones = original(run, {**batch, "loss_weights": torch.ones_like(weights)})
+            train_only = original(run, {**batch, "loss_weights": 1 - is_reg})
+        torch.testing.assert_close(loss.detach(), train_only + 0.25 * (all_ones - train_only))
+        return loss
+
+    monkeypatch.setattr(loop, "batch_loss", batch_loss)
+    loop.train(load_config([token for key, value in flags.items() for token in (f"--{key}", value)]))
+    assert sorted(seen) == [("dog", 0.25)] * 4 + [("sks dog", 1.0)] * 4
