@@ -414,9 +414,8 @@ def test_kohya_sample_prompts_file(tmp_path):
 def test_sample_prompts_join_the_validation_prompts(tiny_sd1_pipeline_dir, tmp_path):
     txt = tmp_path / "prompts.txt"
     txt.write_text("a dog --n cat --w 72 --h 80\na cat --d 5\n", encoding="utf-8")
-    cfg = validation_config(tiny_sd1_pipeline_dir, tmp_path, "--seed", "10")
+    cfg = validation_config(tiny_sd1_pipeline_dir, tmp_path, "--seed", "10", "--sample_prompts", str(txt))
     cfg.validation_prompts = [{"prompt": "a bird", "num_images": 3}]
-    cfg.sample_prompts = str(txt)
     prompts = resolve_validation_prompts(cfg)
     assert [(p.prompt, p.negative_prompt, p.seed, p.width, p.height, p.num_images) for p in prompts] == [
         (PROMPT, "", 10, 64, 64, 1),

@@ -258,9 +258,8 @@ def resolve_validation_prompts(cfg: TrainConfig) -> list[ValidationPrompt]:
         "num_images": cfg.num_validation_images,
     }
     tables = [{"prompt": prompt} for prompt in cfg.validation_prompt] + list(cfg.validation_prompts)
-    sample_file = getattr(cfg, "sample_prompts", None)  # the lead adds this field to TrainConfig
-    if sample_file:
-        from_file = read_sample_prompts(sample_file)
+    if cfg.sample_prompts:
+        from_file = read_sample_prompts(Path(cfg.sample_prompts).expanduser())
         check_validation_prompts(from_file)
         tables += from_file
     return [
