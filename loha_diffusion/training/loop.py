@@ -28,6 +28,7 @@ from ..files import atomic_write_text, remove_stale_temporaries
 from ..finite import non_finite_modules
 from ..model import get_adapter_state_dict
 from ..utils import format_number
+from .buckets import BucketBatchSampler, check_buckets
 from .checkpoint import (
     SCHEDULE_SETTINGS,
     Resumable,
@@ -137,7 +138,7 @@ class Run:
     optimizer: Any
     lr_scheduler: Any
     loader: Iterable[dict[str, Any]]
-    sampler: EpochSampler
+    sampler: EpochSampler | BucketBatchSampler
     state: TrainState
     tracker: Tracker
     result: TrainResult
@@ -217,6 +218,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     tokenizers = load_tokenizers(cfg)
     summary = scan_training_data(cfg, tokenizers[0])
     logger.info("data: %s", "\n  ".join([summary.describe(), *summary.facts()]))
+    check_buckets(cfg, summary)  # bucket settings and every image's bucket, before any model is loaded
     unet_config, te_config = unet_adapter_config(cfg), text_encoder_adapter_config(cfg)
     check_run_patterns(cfg, unet_config)  # on the weightless UNet: keys that would set nothing
     fingerprint = dataset_fingerprint(summary)
@@ -236,7 +238,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models))
     loader, sampler = training_dataloader(cfg, summary)
     attach_latent_cache(cfg, loader.dataset, models.vae, accelerator)  # cache_latents: VAE once per image
-    schedule = compute_schedule(cfg, len(loader.dataset), accelerator.num_processes)
+    schedule = compute_schedule(cfg, len(loader.dataset), accelerator.num_processes, num_batches=len(loader))
     lr_scheduler = make_lr_scheduler(cfg, optimizer, schedule.max_train_steps, accelerator.num_processes)
     run = prepare(
         accelerator, cfg, summary, schedule, models, prediction_type, optimizer, lr_scheduler, loader, sampler
@@ -315,7 +317,7 @@ def prepare(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     loader: Any,
-    sampler: EpochSampler,
+    sampler: EpochSampler | BucketBatchSampler,
 ) -> Run:
     """Hand the trained models, optimizer, loader and LR scheduler to `accelerator.prepare` and return the
     `Run`; with checkpoints or a resume, check first that checkpoints can store this optimizer and scheduler.

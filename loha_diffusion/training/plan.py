@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..model import adapter_layers, inject_adapter
 from ..utils import BYTES_PER_ELEMENT, human_size
+from .buckets import bucket_table, count_batches
 from .config import TrainConfig
 from .data import Schedule, compute_schedule, scan_training_data
 from .models import (
@@ -247,9 +248,14 @@ def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
     (`DatasetSummary.report`), caption lengths counted with the base model's tokenizer when it can be loaded.
     `num_processes` defaults to accelerate's (the launcher's) process count.
 
+    With `enable_bucket` the data part ends with the bucket table (`buckets.bucket_table`) and the schedule
+    counts batches per bucket.
+
     Raises:
-        DataError: the training data cannot be used (see `data.scan_dataset`).
-        ConfigError: as `build_plan` and `optimizers.check_optimizer`.
+        DataError: the training data cannot be used (see `data.scan_dataset`), or with `enable_bucket` an
+            image gets no bucket (see `buckets.assign_records`).
+        ConfigError: as `build_plan` and `optimizers.check_optimizer`, or the bucket settings do not fit together
+            (`buckets.BucketSettings.from_config`).
     """
     arch = base_model_arch(cfg)
     resolve_arch_defaults(cfg, arch)
@@ -265,6 +271,11 @@ def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
         num_processes = PartialState().num_processes
     plan = build_plan(cfg, summary.num_samples, num_processes, arch=arch)
     data = summary.report()
+    if cfg.enable_bucket:  # batches of one bucket each: the schedule counts them per bucket
+        records = summary.epoch_records
+        batches = count_batches(cfg, records)
+        plan.schedule = compute_schedule(cfg, summary.num_samples, num_processes, num_batches=batches)
+        data += "\n  " + bucket_table(cfg, records).replace("\n", "\n  ")
     if no_tokenizer:
         data += f"\n  caption lengths not checked (no tokenizer: {no_tokenizer})"
     return format_plan(cfg, plan, data)
