@@ -41,6 +41,7 @@ from loha_diffusion.training.data import (
     compute_schedule,
     make_dataloader,
     scan_dataset,
+    scan_training_data,
     training_dataloader,
     transform_image,
 )
@@ -516,3 +517,32 @@ def test_bucketed_resume_with_caches_is_bit_exact(tiny_sd1_pipeline_dir, tmp_pat
         load_file(str(tmp_path / "b" / "loha.safetensors")),
     )
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_scan_reports_no_square_crop_with_buckets_and_no_upscale_with_bucket_no_upscale(tmp_path):
+    write_images(tmp_path, [(200, 100), (32, 32)])
+    base = [
+        "--pretrained_model_name_or_path",
+        "m",
+        "--train_data_dir",
+        str(tmp_path),
+        "--max_train_steps",
+        "1",
+    ]
+    base += [
+        "--resolution",
+        "64",
+        "--min_bucket_reso",
+        "32",
+        "--max_bucket_reso",
+        "128",
+        "--bucket_reso_steps",
+        "16",
+    ]
+    plain = scan_training_data(load_config(base), log=False)
+    assert [p.name for p, _ in plain.crop_losses] == ["img0.png"] and plain.small_images == 1
+    bucketed = scan_training_data(load_config(base + ["--enable_bucket"]), log=False)
+    assert bucketed.crop_losses == () and bucketed.small_images == 1  # cropped to its bucket, not a square
+    assert "square crop" not in bucketed.report()
+    kept = scan_training_data(load_config(base + ["--enable_bucket", "--bucket_no_upscale"]), log=False)
+    assert kept.small_images == 0 and "upscaled" not in kept.report()

@@ -553,13 +553,18 @@ def _summary(
     used: Sequence[tuple[ImageRecord, ImageFacts]],
     resolution: int,
     reader: ImageReader,
+    *,
+    square_crop: bool = True,
+    upscale: bool = True,
     **extra: Any,
 ) -> DatasetSummary:
-    """The `DatasetSummary` of the usable images (`extra`: the remaining fields)."""
+    """The `DatasetSummary` of the usable images (`extra`: the remaining fields); the crop losses only for a
+    `square_crop`, the small images only when they are upscaled."""
     small = sorted(
-        ((r.path, *f.size) for r, f in used if min(f.size) < resolution), key=lambda x: min(x[1], x[2])
+        ((r.path, *f.size) for r, f in used if upscale and min(f.size) < resolution),
+        key=lambda x: min(x[1], x[2]),
     )
-    losses = [(r.path, 1 - min(f.size) / max(f.size)) for r, f in used]
+    losses = [(r.path, 1 - min(f.size) / max(f.size)) for r, f in used if square_crop]
     return DatasetSummary(
         root=root,
         layout=layout,
@@ -591,6 +596,8 @@ def scan_dataset(
     max_token_length: int | None = None,
     caption_options: CaptionOptions | None = None,
     is_reg: bool = False,
+    square_crop: bool = True,
+    upscale: bool = True,
     log: bool = True,
     workers: int | None = None,
 ) -> DatasetSummary:
@@ -603,8 +610,11 @@ def scan_dataset(
     caption. A caption of only whitespace is missing. With a `tokenizer` (transformers, e.g. the base model's
     `CLIPTokenizer`) captions (with `caption_options`' prefix and suffix) longer than its `model_max_length`,
     or than `max_token_length` tokens of text when set (kohya's 75/150/225), are reported. `is_reg`: `root` is
-    `reg_data_dir` (records get `is_reg=True`, messages name it). `log` logs the summary's warnings (what was
-    left out, small images, big crops, long captions).
+    `reg_data_dir` (records get `is_reg=True`, messages name it). `square_crop` False (aspect-ratio buckets:
+    each image is cropped to its bucket, and the bucket table reports the aspect-ratio change) leaves out the
+    report of what the square crop cuts; `upscale` False (`bucket_no_upscale`) leaves out the report of images
+    that would be upscaled. `log` logs the summary's warnings (what was left out, small images, big crops,
+    long captions).
 
     Raises:
         DataError: `root` is missing, `metadata.jsonl` has bad lines (not UTF-8 or JSON, a file outside `root`),
@@ -645,6 +655,8 @@ def scan_dataset(
         used,
         resolution,
         reader,
+        square_crop=square_crop,
+        upscale=upscale,
         skipped=tuple(skipped),
         ignored=tuple(notes),
         folder_captions=folder_captions,
@@ -705,6 +717,8 @@ def scan_training_data(cfg: TrainConfig, tokenizer: Any = None, *, log: bool = T
         tokenizer=tokenizer,
         max_token_length=cfg.max_token_length,
         caption_options=CaptionOptions.from_config(cfg),
+        square_crop=not cfg.enable_bucket,
+        upscale=not (cfg.enable_bucket and cfg.bucket_no_upscale),
         log=False,
     )
     summary = scan_dataset(cfg.train_data_dir, **settings)
