@@ -348,7 +348,7 @@ def test_dry_run_prints_the_bucket_table(tiny_sd1_pipeline_dir, tmp_path, capsys
     assert "Buckets (about 32x32 pixels, sides 16-64 in steps of 8, 4 used of 9):" in out
     for line in ("24x40", "40x24", "32x32", "56x16"):
         assert f"  {line} " in out
-    assert "4 optimizer steps = 1 epochs of 4 steps" in out  # not ceil(4 images / 2) = 2
+    assert "4 optimizer steps = 1 epoch of 4 steps" in out  # not ceil(4 images / 2) = 2
     assert (
         main(flags + ["--enable_bucket", "--dry_run", "--max_train_steps", "1", "--min_bucket_reso", "40"])
         == 2

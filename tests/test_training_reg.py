@@ -240,9 +240,9 @@ def test_dry_run_counts_reg_samples_and_refuses_a_missing_reg_folder(tmp_path, t
     flags += ["--resolution", "32", "--num_train_epochs", "1", "--on_missing_caption", "folder_name"]
     text = dry_run(load_config(flags + ["--reg_data_dir", str(reg)]), num_processes=1)
     assert "30 training + 30 regularization = 60 samples per epoch" in text
-    assert "Steps: 60 optimizer steps = 1 epochs of 60 steps" in text  # reg samples count in the schedule
+    assert "Steps: 60 optimizer steps = 1 epoch of 60 steps" in text  # reg samples count in the schedule
     plain = dry_run(load_config(flags), num_processes=1)
-    assert "Steps: 30 optimizer steps = 1 epochs of 30 steps" in plain
+    assert "Steps: 30 optimizer steps = 1 epoch of 30 steps" in plain
     with pytest.raises(DataError, match=r"reg_data_dir .*no_such_reg does not exist"):
         dry_run(load_config(flags + ["--reg_data_dir", str(tmp_path / "no_such_reg")]), num_processes=1)
 

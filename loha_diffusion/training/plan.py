@@ -203,6 +203,10 @@ def _base_facts(cfg: TrainConfig, plan: Plan) -> str:
     return f" ({', '.join(facts)})" if facts else ""
 
 
+def _plural(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> str:
     """The plan as text for the console."""
     rank_word = "effective rank (r^2)" if cfg.algo == "loha" else "rank"
@@ -230,9 +234,9 @@ def format_plan(cfg: TrainConfig, plan: Plan, data_line: str | None = None) -> s
     if plan.schedule:
         s = plan.schedule
         lines.append(
-            f"Steps: {s.max_train_steps} optimizer steps = {s.num_epochs} epochs of {s.update_steps_per_epoch} steps; "
-            f"effective batch {s.total_batch_size} = {cfg.train_batch_size} per device x "
-            f"{cfg.gradient_accumulation_steps} accumulation x {s.num_processes} processes"
+            f"Steps: {s.max_train_steps} optimizer steps = {_plural(s.num_epochs, 'epoch')} of "
+            f"{s.update_steps_per_epoch} steps; effective batch {s.total_batch_size} = {cfg.train_batch_size} per "
+            f"device x {cfg.gradient_accumulation_steps} accumulation x {_plural(s.num_processes, 'process', 'processes')}"
         )
     for warning in plan.warnings:
         lines.append(f"WARNING: {warning}")
