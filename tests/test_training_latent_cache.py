@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
+from test_training_buckets import write_images
 from test_training_loop import base_flags, make_dataset
 
 from loha_diffusion import tiny
@@ -326,3 +327,33 @@ def test_resume_with_the_disk_cache_is_bit_exact(tiny_sd1_pipeline_dir, tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = load_file(str(straight.kohya_file)), load_file(str(resumed.kohya_file))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bucketed_cached_run_trains_as_uncached(tiny_sd1_pipeline_dir, tmp_path, monkeypatch, caplog):
+    """Mixed-aspect images in buckets, both flips: the cached run (disk, 4 images per VAE call, each call one
+    bucket) has the uncached run's losses, and a second cached run reads every latent from disk."""
+    data = write_images(tmp_path / "data", [(64, 32), (32, 64), (40, 40), (48, 27), (100, 30)])
+
+    def flags(out: str, *extra: str) -> list[str]:
+        settings = {"train_batch_size": "2", "random_flip": "true", "max_train_steps": "4"}
+        return base_flags(tiny_sd1_pipeline_dir, data, tmp_path / out, **settings) + [
+            "--enable_bucket", "--bucket_reso_steps", "8", *extra
+        ]  # fmt: skip
+
+    losses, batch_kinds = record_losses(monkeypatch)
+    train(load_config(flags("a")))
+    plain_losses = list(losses)
+    for out in ("b", "c"):
+        losses.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="loha_diffusion.training"):
+            train(load_config(flags(out, "--cache_latents_to_disk", "--vae_batch_size", "4")))
+        read, encoded = (0, 10) if out == "b" else (10, 0)
+        assert (
+            f"latent cache: 10 entries, {read} read from" in caplog.text
+            and f"{encoded} encoded" in caplog.text
+        )
+        np.testing.assert_allclose(losses, plain_losses, rtol=1e-6)
+    assert batch_kinds == {"pixel_values", "latent_params"}
+    files = list((data / ".loha_cache").glob("latents-*.safetensors"))
+    assert len(files) == 10  # 5 images x 2 flips, written once
