@@ -22,6 +22,7 @@ from loha_diffusion.formats.kohya import save_kohya
 from loha_diffusion.model import adapter_layers, get_adapter_state_dict, inject_adapter
 from loha_diffusion.pipeline import list_adapters, load_adapter
 from loha_diffusion.targeting import text_encoder_preset
+from loha_diffusion.training import loop
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.data import ImageRecord
 from loha_diffusion.training.loop import train
@@ -524,3 +525,26 @@ def test_sdxl_prompt_tables(tiny_sdxl_pipeline_dir, tmp_path):
     }
     users = np.asarray(pipe(PROMPT, **kwargs).images[0], dtype=np.int16)
     assert np.abs(plain - users).max() <= 1
+
+
+def test_validation_epochs_policy(monkeypatch):
+    """`after_epoch` validates after every `validation_epochs`-th epoch but not after the last (`finish` does),
+    nor at a step `validation_steps` already validated; only the main process validates."""
+    validated = []
+    monkeypatch.setattr(loop, "validate", lambda run, file: validated.append(run.state.global_step))
+    cfg = SimpleNamespace(validation_epochs=2, save_every_n_epochs=None)
+    run = SimpleNamespace(
+        cfg=cfg,
+        is_main=True,
+        schedule=SimpleNamespace(num_epochs=7, max_train_steps=14),
+        state=SimpleNamespace(global_step=0),
+        result=SimpleNamespace(eval_losses={8: 0.1}),  # step 8 was validated by validation_steps
+    )
+    for epoch in range(7):
+        run.epoch, run.state.global_step = epoch, 2 * (epoch + 1)
+        loop.after_epoch(run)
+    assert validated == [4, 12]  # epochs 2 and 6; epoch 4 (step 8) was validated already
+    run.is_main, validated[:] = False, []
+    run.epoch, run.state.global_step = 1, 4
+    loop.after_epoch(run)
+    assert validated == []
