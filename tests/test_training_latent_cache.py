@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 from test_training_buckets import write_images
-from test_training_loop import base_flags, make_dataset
+from test_training_loop import REPO, base_flags, free_port, make_dataset
 
 from loha_diffusion import tiny
 from loha_diffusion.training import loop
@@ -357,3 +360,33 @@ def test_bucketed_cached_run_trains_as_uncached(tiny_sd1_pipeline_dir, tmp_path,
     assert batch_kinds == {"pixel_values", "latent_params"}
     files = list((data / ".loha_cache").glob("latents-*.safetensors"))
     assert len(files) == 10  # 5 images x 2 flips, written once
+
+
+@pytest.mark.slow
+def test_two_processes_with_the_disk_cache_equal_one_without(tiny_sd1_pipeline_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 2 with cache_latents_to_disk (rank 0 encodes and writes,
+    rank 1 waits and reads) == 1 process x batch 4 without a cache."""
+    data = make_dataset(tmp_path / "data", 8)
+    common = ["--max_train_steps", "3", "--random_flip", "true", "--center_crop", "true"]
+    single = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "one") + common + ["--train_batch_size", "4"]
+    train(load_config(single))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(REPO / "scripts" / "train_loha_sd.py"),
+        *base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common, "--train_batch_size", "2",
+        "--cache_latents_to_disk", "--vae_batch_size", "4",
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "0 read from" in run.stderr  # rank 0 encoded them ...
+    distinct = {file_sha256(path) for path in data.glob("*.png")}  # equal images share their entries
+    assert len(list((data / ".loha_cache").glob("latents-*.safetensors"))) == 2 * len(
+        distinct
+    )  # ... both flips
+    one = load_file(str(tmp_path / "one" / "loha.safetensors"))
+    two = load_file(str(tmp_path / "two" / "loha.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)  # Adam amplifies noise
