@@ -236,18 +236,25 @@ def test_exported_file_names_the_base_model_without_its_path(tmp_path, tiny_sd1_
 def test_training_metadata_keeps_a_hub_id(tmp_path):
     from loha_diffusion.training.export import training_metadata
 
-    class Schedule:
-        max_train_steps, total_batch_size, num_epochs = 1, 1, 1
+    from loha_diffusion.training.data import DatasetSummary, Schedule
 
-    class Summary:
-        records = []
+    schedule = Schedule(
+        num_samples=0,
+        num_processes=1,
+        batches_per_epoch=1,
+        update_steps_per_epoch=1,
+        max_train_steps=1,
+        num_epochs=1,
+        total_batch_size=1,
+    )
+    summary = DatasetSummary(root=tmp_path, layout="flat", records=(), skipped=(), small_images=0)
 
     for model, name in [("org/base-model", "org/base-model"), (str(tmp_path / "x" / "my-base"), "my-base")]:
         cfg = load_config(flags(model))
         info = training_metadata(
             cfg,
-            Schedule(),
-            Summary(),
+            schedule,
+            summary,
             prediction_type="epsilon",
             mixed_precision="no",
             started_at=0.0,
