@@ -154,6 +154,8 @@ def test_adafactor_relative_step_uses_its_own_rate_and_schedule():
     cfg = cfg_of("Adafactor", None, "--lr_scheduler", "cosine", "--unet_lr", "1e-3")
     [warning] = optimizer_warnings(cfg)
     assert "unet_lr, lr_scheduler = 'cosine' are not used" in warning and "relative_step=False" in warning
+    assert "barely move" in warning  # scale_parameter=True: zero-started factors get RMS-scaled steps
+    assert optimizer_warnings(cfg_of("Adafactor", ["scale_parameter=False"])) == []
     params, optimizer, scheduler = build(cfg)
     assert optimizer.defaults["lr"] is None and all(g["relative_step"] for g in optimizer.param_groups)
     assert type(scheduler).__name__ == "_AdafactorSchedule"
