@@ -84,7 +84,8 @@ def optimizer_class(optimizer_type: str) -> type[torch.optim.Optimizer]:
     module_name, name = OPTIMIZER_CLASSES[optimizer_type]
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    # Besides ImportError: bitsandbytes without a usable native library raises RuntimeError or OSError.
+    except (ImportError, RuntimeError, OSError) as exc:
         raise ConfigError(
             f"optimizer_type = {optimizer_type!r} needs {module_name.split('.')[0]}, which cannot be imported "
             f"({exc}); install it (`pip install loha-diffusion[optimizers]`, or [bnb] for AdamW8bit), or use "
