@@ -224,3 +224,16 @@ def test_every_setting_has_help_and_kohya_aliases_show_in_help(capsys):
         "--flip_aug",
     ):
         assert flag in text, flag
+
+
+def test_the_readme_documents_every_setting_and_alias():
+    import dataclasses
+    from pathlib import Path
+
+    from loha_diffusion.training.config import KOHYA_SWITCHES, TrainConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    names += [alias for f in dataclasses.fields(TrainConfig) for alias in f.metadata.get("aliases", ())]
+    names += [*KOHYA_SWITCHES, "network_module", "network_args"]
+    assert [name for name in names if f"`{name}`" not in readme] == []
