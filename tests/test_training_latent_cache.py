@@ -25,7 +25,7 @@ from loha_diffusion.training.cache_store import CacheStore, file_sha256, make_ke
 from loha_diffusion.training.config import load_config
 from loha_diffusion.training.data import scan_training_data, training_dataloader
 from loha_diffusion.training.images import ImageReader
-from loha_diffusion.training.latent_cache import build_latent_cache, entry_disk_key
+from loha_diffusion.training.latent_cache import build_latent_cache, entry_disk_key, resize_rule, vae_identity
 from loha_diffusion.training.loop import train
 from loha_diffusion.training.step import encode_latents, sample_latents
 
@@ -238,14 +238,17 @@ def test_disk_cache_is_reused_and_invalidated_by_content_and_vae(tiny_sd1_pipeli
         assert same == (entry.record.path.name != "img1.png")
 
     # A damaged file is encoded again with a warning, and rewritten.
-    victim = files[0]
+    entry = dataset.cache_entries()[0]  # img0, unflipped: still in use
+    key = entry_disk_key(entry, file_sha256(entry.record.path), vae_identity(vae), resize_rule(dataset))
+    victim = CacheStore(data / ".loha_cache", "latents").path(key)
+    assert victim in files
     victim.write_bytes(victim.read_bytes()[:-7])
     with caplog.at_level(logging.WARNING, logger="loha_diffusion.training"):
         repaired = build_latent_cache(cfg, dataset, vae, OneProcess())
     assert counter.images == 9 and str(victim) in caplog.text
     for entry in dataset.cache_entries():
         assert torch.equal(repaired.get(entry), changed.get(entry))
-    assert CacheStore(victim.parent, "latents").get(victim.name[len("latents-") : -len(".safetensors")])
+    assert CacheStore(victim.parent, "latents").get(key) is not None  # rewritten whole
 
     # Another VAE (one weight changed) misses every entry.
     with torch.no_grad():
