@@ -393,3 +393,18 @@ def test_two_processes_with_the_disk_cache_equal_one_without(tiny_sd1_pipeline_d
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)  # Adam amplifies noise
+
+
+def test_sdxl_cached_run_trains_as_uncached(tiny_sdxl_pipeline_dir, tmp_path, monkeypatch):
+    """SDXL (its VAE kept in float32, micro-conditioning from the cached sample's sizes and crop): the same
+    losses with the latent cache as without."""
+    data = make_dataset(tmp_path / "data", 2)
+    losses, batch_kinds = record_losses(monkeypatch)
+    runs = {}
+    for name, extra in {"plain": [], "cached": ["--cache_latents"]}.items():
+        losses.clear()
+        flags = run_flags(tiny_sdxl_pipeline_dir, data, tmp_path / name, *extra)
+        train(load_config(flags))
+        runs[name] = list(losses)
+    assert batch_kinds == {"pixel_values", "latent_params"} and len(runs["plain"]) == 4
+    np.testing.assert_allclose(runs["cached"], runs["plain"], rtol=1e-6)
