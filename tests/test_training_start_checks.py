@@ -234,9 +234,8 @@ def test_exported_file_names_the_base_model_without_its_path(tmp_path, tiny_sd1_
 
 
 def test_training_metadata_keeps_a_hub_id(tmp_path):
-    from loha_diffusion.training.export import training_metadata
-
     from loha_diffusion.training.data import DatasetSummary, Schedule
+    from loha_diffusion.training.export import training_metadata
 
     schedule = Schedule(
         num_samples=0,
