@@ -41,19 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square on a black background, drawn with thick lines"]
 
 
-def sdxl_models(pipe) -> Models:
-    return Models(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        vae=pipe.vae,
-        unet=pipe.unet,
-        noise_scheduler=pipe.scheduler,
-        tokenizer_2=pipe.tokenizer_2,
-        text_encoder_2=pipe.text_encoder_2,
-        arch="sdxl",
-    )
-
-
 # -- the conditioning ---------------------------------------------------------------------------------------
 
 
@@ -78,7 +65,7 @@ def test_sdxl_prompt_conditioning_equals_the_pipelines(tiny_sdxl_pipeline):
 @torch.no_grad()
 def test_sd1_conditioning_is_the_last_hidden_state(tiny_sd1_pipeline):
     pipe = tiny_sd1_pipeline
-    models = Models(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
+    models = Models.from_pipeline(pipe)
     states, added = unet_conditioning(models, CAPTIONS, device="cpu", target_size=(64, 64))
     expected = pipe.encode_prompt(CAPTIONS, "cpu", 1, False)[0]
     assert added is None and torch.equal(states, expected)
@@ -102,7 +89,7 @@ def test_time_ids_follow_the_pipelines_order(tiny_sdxl_pipeline):
 def test_unet_conditioning_for_sdxl(tiny_sdxl_pipeline):
     """The added kwargs the SDXL UNet needs; sizes default to an uncropped image of the target size; the
     given text encoders are used instead of the models' (the loop's prepared ones)."""
-    models = sdxl_models(tiny_sdxl_pipeline)
+    models = Models.from_pipeline(tiny_sdxl_pipeline)
     states, added = unet_conditioning(
         models,
         CAPTIONS,
@@ -255,7 +242,7 @@ def test_vae_precision_rule(tiny_sdxl_pipeline, tmp_path):
     assert not vae_in_float32(cfg, "sdxl")
     cfg.no_half_vae = True
     assert vae_in_float32(cfg, "sdxl") and vae_in_float32(cfg, "sd1")
-    models = sdxl_models(tiny_sdxl_pipeline)
+    models = Models.from_pipeline(tiny_sdxl_pipeline)
     freeze_base_models(models, torch.device("cpu"), torch.bfloat16, vae_float32=True)
     assert next(models.vae.parameters()).dtype == torch.float32
     for model in (models.unet, models.text_encoder, models.text_encoder_2):
@@ -268,7 +255,7 @@ def test_text_encoder_adapters_get_gradients_with_gradient_checkpointing(tiny_sd
     gradient (its frozen inputs need none). Both SDXL encoders' adapters, and the UNet's, get one here."""
     flags = base_flags(tmp_path, tmp_path, tmp_path / "o", train_text_encoder="true")
     cfg = load_config(flags + ["--max_train_steps", "1", "--gradient_checkpointing"])
-    models = sdxl_models(tiny_sdxl_pipeline)
+    models = Models.from_pipeline(tiny_sdxl_pipeline)
     freeze_base_models(models, torch.device("cpu"), torch.float32)
     add_adapters(models, cfg, unet_adapter_config(cfg), text_encoder_adapter_config(cfg))
     for model in models.text_encoders:

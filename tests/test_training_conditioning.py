@@ -29,23 +29,6 @@ WORDS = tiny.TINY_WORDS
 LONG = " ".join(WORDS[i % len(WORDS)] for i in range(150))  # 150 words, one token each in the tiny vocab
 
 
-def sd1_models(pipe) -> Models:
-    return Models(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
-
-
-def sdxl_models(pipe) -> Models:
-    return Models(
-        pipe.tokenizer,
-        pipe.text_encoder,
-        pipe.vae,
-        pipe.unet,
-        pipe.scheduler,
-        tokenizer_2=pipe.tokenizer_2,
-        text_encoder_2=pipe.text_encoder_2,
-        arch="sdxl",
-    )
-
-
 def small_tokenizer(pad: str | None = None):
     """The tiny CLIP tokenizer with windows of 7 ids (5 tokens) so kohya's windows can be written by hand;
     `pad` "!" makes it an SD2/SDXL-te2 style tokenizer (padding is not EOS)."""
@@ -227,7 +210,7 @@ def test_gradients_flow_through_long_prompts_and_clip_skip(tiny_sd1_pipeline):
 @torch.no_grad()
 def test_sdxl_long_prompt_states_and_the_first_windows_pooled_embedding(tiny_sdxl_pipeline):
     pipe = tiny_sdxl_pipeline
-    models = sdxl_models(pipe)
+    models = Models.from_pipeline(pipe)
     encoding = TextEncoding(max_token_length=150)
     states, added = unet_conditioning(
         models, [LONG, "a cat"], device="cpu", target_size=(32, 32), encoding=encoding
@@ -251,7 +234,7 @@ def test_clip_skip_is_refused_for_sdxl_before_loading(tiny_sdxl_pipeline):
     assert check_text_encoding(cfg, "sd2") == TextEncoding(max_token_length=225, clip_skip=2)
     with pytest.raises(ConfigError, match="clip_skip"):
         unet_conditioning(
-            sdxl_models(tiny_sdxl_pipeline),
+            Models.from_pipeline(tiny_sdxl_pipeline),
             CAPTIONS,
             device="cpu",
             target_size=(32, 32),
@@ -272,20 +255,22 @@ def test_encoding_key_normalises_equivalent_settings():
 @torch.no_grad()
 def test_pipeline_prompt_embeds_default_equals_the_pipelines_own_sd1(tiny_sd1_pipeline):
     pipe = tiny_sd1_pipeline
-    kwargs = pipeline_prompt_embeds(sd1_models(pipe), CAPTIONS, ["blurry", ""], device="cpu")
+    kwargs = pipeline_prompt_embeds(Models.from_pipeline(pipe), CAPTIONS, ["blurry", ""], device="cpu")
     assert set(kwargs) == {"prompt_embeds", "negative_prompt_embeds"}
     positive, negative = pipe.encode_prompt(CAPTIONS, "cpu", 1, True, negative_prompt=["blurry", ""])
     assert torch.equal(kwargs["prompt_embeds"], positive) and torch.equal(
         kwargs["negative_prompt_embeds"], negative
     )
     with pytest.raises(ValueError, match="2 prompts but 1 negative"):
-        pipeline_prompt_embeds(sd1_models(pipe), CAPTIONS, [""], device="cpu")
+        pipeline_prompt_embeds(Models.from_pipeline(pipe), CAPTIONS, [""], device="cpu")
 
 
 @torch.no_grad()
 def test_pipeline_prompt_embeds_default_equals_the_pipelines_own_sdxl(tiny_sdxl_pipeline):
     pipe = tiny_sdxl_pipeline
-    kwargs = pipeline_prompt_embeds(sdxl_models(pipe), CAPTIONS, ["blurry", "low quality"], device="cpu")
+    kwargs = pipeline_prompt_embeds(
+        Models.from_pipeline(pipe), CAPTIONS, ["blurry", "low quality"], device="cpu"
+    )
     expected = pipe.encode_prompt(
         CAPTIONS,
         device="cpu",
@@ -303,7 +288,7 @@ def test_pipeline_prompt_embeds_default_equals_the_pipelines_own_sdxl(tiny_sdxl_
         assert torch.equal(kwargs[name], value), name
     # The SDXL base pipeline's zeros for a prompt without negative.
     zeros = pipeline_prompt_embeds(
-        sdxl_models(pipe), CAPTIONS, ["blurry", ""], device="cpu", force_zeros_for_empty_prompt=True
+        Models.from_pipeline(pipe), CAPTIONS, ["blurry", ""], device="cpu", force_zeros_for_empty_prompt=True
     )
     assert torch.equal(zeros["negative_prompt_embeds"][0], kwargs["negative_prompt_embeds"][0])
     assert (
@@ -316,7 +301,7 @@ def test_long_prompt_embeds_drive_the_pipeline(tiny_sd1_pipeline):
     """Positive and negative of the same length (152), accepted by the diffusers pipeline."""
     pipe = tiny_sd1_pipeline
     kwargs = pipeline_prompt_embeds(
-        sd1_models(pipe),
+        Models.from_pipeline(pipe),
         [LONG],
         ["blurry"],
         device="cpu",

@@ -22,23 +22,6 @@ from loha_diffusion.training.text_cache import cache_text_encoder_outputs, run_c
 CAPTIONS = ["a red car", "a photo of a dog", "a red car", "a cat"]
 
 
-def sd1_models(pipe) -> Models:
-    return Models(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
-
-
-def sdxl_models(pipe) -> Models:
-    return Models(
-        pipe.tokenizer,
-        pipe.text_encoder,
-        pipe.vae,
-        pipe.unet,
-        pipe.scheduler,
-        tokenizer_2=pipe.tokenizer_2,
-        text_encoder_2=pipe.text_encoder_2,
-        arch="sdxl",
-    )
-
-
 def record(caption: str, name: str = "x.png") -> ImageRecord:
     return ImageRecord(path=Path("/data/1_a") / name, caption=caption, repeats=1)
 
@@ -68,7 +51,7 @@ def test_run_captions_are_the_processed_distinct_captions():
 @torch.no_grad()
 def test_cached_states_equal_the_encoders(arch, tiny_sd1_pipeline, tiny_sdxl_pipeline):
     pipe = tiny_sd1_pipeline if arch == "sd1" else tiny_sdxl_pipeline
-    models = sd1_models(pipe) if arch == "sd1" else sdxl_models(pipe)
+    models = Models.from_pipeline(pipe) if arch == "sd1" else Models.from_pipeline(pipe)
     encoding = TextEncoding(max_token_length=150)
     counter = ForwardCounter(*models.text_encoders)
     cache = cache_text_encoder_outputs(models, CAPTIONS, encoding=encoding, device="cpu", batch_size=2)
@@ -89,7 +72,7 @@ def test_cached_states_equal_the_encoders(arch, tiny_sd1_pipeline, tiny_sdxl_pip
 
 @torch.no_grad()
 def test_disk_cache_is_read_back_and_keyed_by_encoding_and_weights(tiny_sd1_pipeline, tmp_path):
-    models = sd1_models(tiny_sd1_pipeline)
+    models = Models.from_pipeline(tiny_sd1_pipeline)
     store = CacheStore(tmp_path / "cache", "text")
     first = cache_text_encoder_outputs(models, CAPTIONS, encoding=TextEncoding(), device="cpu", store=store)
     assert len(list((tmp_path / "cache").glob("text-*.safetensors"))) == 3

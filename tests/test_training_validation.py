@@ -45,16 +45,9 @@ PROMPT = "a red square"
 def run_models(pipeline_dir: Path, arch: str) -> Models:
     """The tiny model's parts as `models.load_models` gives them (DDPM noise scheduler)."""
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
-    return Models(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        vae=pipe.vae,
-        unet=pipe.unet,
-        noise_scheduler=DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler"),
-        tokenizer_2=getattr(pipe, "tokenizer_2", None),
-        text_encoder_2=getattr(pipe, "text_encoder_2", None),
-        arch=arch,
-    )
+    models = Models.from_pipeline(pipe, DDPMScheduler.from_pretrained(pipeline_dir, subfolder="scheduler"))
+    assert models.arch == arch
+    return models
 
 
 def randomize(models: list[torch.nn.Module], seed: int) -> None:

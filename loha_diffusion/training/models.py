@@ -214,6 +214,25 @@ class Models:
     text_encoder_2: nn.Module | None = None
     arch: str = "sd1"
 
+    @classmethod
+    def from_pipeline(cls, pipe: Any, noise_scheduler: Any = None) -> Models:
+        """The parts of a loaded diffusers SD/SDXL pipeline (its scheduler unless `noise_scheduler` is given),
+        with `arch` from its UNet config (`arch_of_unet_config`).
+
+        Raises:
+            ConfigError: the UNet is of no architecture the trainer knows.
+        """
+        return cls(
+            tokenizer=pipe.tokenizer,
+            text_encoder=pipe.text_encoder,
+            vae=pipe.vae,
+            unet=pipe.unet,
+            noise_scheduler=pipe.scheduler if noise_scheduler is None else noise_scheduler,
+            tokenizer_2=getattr(pipe, "tokenizer_2", None),
+            text_encoder_2=getattr(pipe, "text_encoder_2", None),
+            arch=arch_of_unet_config(pipe.unet.config, type(pipe).__name__),
+        )
+
     @property
     def tokenizers(self) -> list[Any]:
         """The tokenizers, first then second (SDXL)."""
