@@ -834,7 +834,7 @@ def summary_text(result: TrainResult, cfg: TrainConfig) -> str:
         lines.append(f"  PEFT-format folder: {result.peft_dir}")
     if result.validation_images:
         lines.append(
-            f"  validation grids: {result.validation_images[-1].parent}/ (last: {result.validation_images[-1].name})"
+            f"  validation images: {result.validation_images[-1].parent}/ (last: {result.validation_images[-1].name})"
         )
     if result.eval_losses:
         first, last = min(result.eval_losses), max(result.eval_losses)

@@ -33,7 +33,7 @@ def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class Tracker:
-    """Logs a run's numbers and validation grids through `accelerator`'s tracker (`cfg.report_to`).
+    """Logs a run's numbers and validation images through `accelerator`'s tracker (`cfg.report_to`).
 
     `start` must run on the main process only (it creates the tracker); `log` and `log_validation` may run
     on every process (accelerate writes from the main one)."""
