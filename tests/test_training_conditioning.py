@@ -332,3 +332,14 @@ def test_train_refuses_clip_skip_for_sdxl_before_loading_weights(
     )
     with pytest.raises(ConfigError, match="clip_skip = 2 cannot be used with an SDXL base model"):
         loop.train(cfg)
+
+
+def test_dry_run_refuses_clip_skip_for_sdxl(tiny_sdxl_pipeline_dir, tmp_path):
+    from loha_diffusion.training.plan import dry_run
+
+    data = make_dataset(tmp_path / "data", 2)
+    cfg = load_config(
+        base_flags(tiny_sdxl_pipeline_dir, data, tmp_path / "out", clip_skip="2", max_train_steps="1")
+    )
+    with pytest.raises(ConfigError, match="clip_skip = 2 cannot be used with an SDXL base model"):
+        dry_run(cfg, num_processes=1)

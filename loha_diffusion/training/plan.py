@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..model import adapter_layers, inject_adapter
 from ..utils import BYTES_PER_ELEMENT, human_size
 from .buckets import bucket_table, count_batches
+from .conditioning import check_text_encoding
 from .config import TrainConfig
 from .data import Schedule, compute_schedule, scan_training_data
 from .models import (
@@ -264,6 +265,7 @@ def dry_run(cfg: TrainConfig, num_processes: int | None = None) -> str:
     arch = base_model_arch(cfg)
     resolve_arch_defaults(cfg, arch)
     check_optimizer(cfg, 2 if arch == "sdxl" else 1)  # as `train` does, before the scan
+    check_text_encoding(cfg, arch)  # clip_skip is refused for SDXL
     try:
         tokenizer, no_tokenizer = load_tokenizer(cfg), None
     except ConfigError as exc:
