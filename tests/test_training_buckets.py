@@ -312,9 +312,8 @@ def test_caption_tools_draw_from_the_sample_generator(tmp_path):
 
 
 def test_sdxl_time_ids_get_the_bucket_size(tmp_path, tiny_sdxl_pipeline):
-    from test_train_sdxl import sdxl_models
-
     from loha_diffusion.training.loop import batch_conditioning
+    from loha_diffusion.training.models import Models
 
     data = write_images(tmp_path / "data", [(64, 32)])
     records = scan_dataset(data, resolution=32).records
@@ -323,7 +322,7 @@ def test_sdxl_time_ids_get_the_bucket_size(tmp_path, tiny_sdxl_pipeline):
     )
     batch = collate([dataset[0]])
     assert batch["target_size"] == (24, 40)
-    models = sdxl_models(tiny_sdxl_pipeline)
+    models = Models.from_pipeline(tiny_sdxl_pipeline)
     cfg = load_config(base_flags(tmp_path, data, tmp_path / "out") + ["--max_train_steps", "1"])
     run = SimpleNamespace(
         cfg=cfg,
