@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_training_loop import base_flags, make_dataset
+from test_training_loop import RESUME_FLAGS, base_flags, make_dataset
 
 from loha_diffusion import tiny
 from loha_diffusion.errors import ConfigError
@@ -295,17 +295,7 @@ def test_text_encoder_2_learning_rate(tmp_path):
 # -- training runs ------------------------------------------------------------------------------------------
 
 RESUME_EXTRA = [
-    "--max_train_steps", "6",
-    "--train_batch_size", "1",
-    "--gradient_accumulation_steps", "2",  # 5 images -> 3 steps per epoch, the last with one micro-batch
-    "--checkpointing_steps", "2",
-    "--lr_scheduler", "cosine",
-    "--lr_warmup_steps", "2",
-    "--rank_dropout", "0.2",
-    "--random_flip",
-    "--caption_dropout_rate", "0.3",
-    "--noise_offset", "0.05",
-    "--snr_gamma", "5",
+    *RESUME_FLAGS,
     "--prediction_type", "v_prediction",
     "--train_text_encoder",
     "--text_encoder_lr", "5e-3",

@@ -5,10 +5,7 @@ skipping, the dataset's latent-cache path and batch keys, the dry-run table, and
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +15,7 @@ import torch
 from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from test_training_loop import adapter_tensors, base_flags
+from test_training_loop import adapter_tensors, base_flags, run_two_processes
 
 from loha_diffusion.errors import ConfigError, DataError
 from loha_diffusion.training import loop
@@ -383,8 +380,6 @@ def test_bucketed_resume_is_bit_exact(tiny_sd1_pipeline_dir, tmp_path):
 def test_two_processes_take_alternate_bucket_batches(tiny_sd1_pipeline_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo), batch 2 == 1 process, batch 2, 2 accumulation steps: each
     optimizer step averages the same two one-bucket batches (process 0 takes batch 0, process 1 batch 1)."""
-    from test_training_loop import REPO, free_port
-
     data = write_images(
         tmp_path / "data", [(64, 32), (32, 64), (40, 40), (48, 27), (27, 48), (36, 36), (100, 30)]
     )
@@ -405,15 +400,7 @@ def test_two_processes_take_alternate_bucket_batches(tiny_sd1_pipeline_dir, tmp_
         )
     )
     assert single.global_step == 4  # 4 bucket batches per epoch: 2 optimizer steps per epoch
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "scripts" / "train_loha_sd.py"),
-        *base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common,
-    ]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_two_processes([*base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common])
     one = load_file(str(tmp_path / "one" / "loha.safetensors"))
     two = load_file(str(tmp_path / "two" / "loha.safetensors"))
     assert one.keys() == two.keys() and len(one) > 0

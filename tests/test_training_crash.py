@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_loop import base_flags, free_port, make_dataset
+from test_training_loop import base_flags, make_dataset, run_two_processes
 
 from loha_diffusion.formats.kohya import read_metadata
 from loha_diffusion.training.checkpoint import list_checkpoints, read_checkpoint_state, verify_checkpoint
@@ -160,18 +160,11 @@ def test_two_processes_resume_with_their_own_random_states(tiny_sd1_pipeline_dir
     )
     out = tmp_path / "two"
     two = [*base_flags(tiny_sd1_pipeline_dir, data, out), *common, "--train_batch_size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for extra in (
         ["--max_train_steps", "2"],
         ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"],
     ):
-        command = [
-            sys.executable, "-m", "torch.distributed.run",
-            "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            str(REPO / "scripts" / "train_loha_sd.py"), *two, *extra,
-        ]  # fmt: skip
-        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
+        run = run_two_processes([*two, *extra])
         if "--resume_from_checkpoint" in extra:
             assert "resumed from" in run.stderr and "checkpoint-2 at step 2" in run.stderr
     for rank in (0, 1):

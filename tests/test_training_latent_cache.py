@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 from test_training_buckets import write_images
-from test_training_loop import REPO, base_flags, free_port, make_dataset
+from test_training_loop import base_flags, make_dataset, run_two_processes
 
 from loha_diffusion import tiny
 from loha_diffusion.training import loop
@@ -373,16 +370,10 @@ def test_two_processes_with_the_disk_cache_equal_one_without(tiny_sd1_pipeline_d
     common = ["--max_train_steps", "3", "--random_flip", "true", "--center_crop", "true"]
     single = base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "one") + common + ["--train_batch_size", "4"]
     train(load_config(single))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "scripts" / "train_loha_sd.py"),
-        *base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common, "--train_batch_size", "2",
-        "--cache_latents_to_disk", "--vae_batch_size", "4",
-    ]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_two_processes(
+        [*base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common, "--train_batch_size", "2"]
+        + ["--cache_latents_to_disk", "--vae_batch_size", "4"]
+    )
     assert "0 read from" in run.stderr  # rank 0 encoded them ...
     distinct = {file_sha256(path) for path in data.glob("*.png")}  # equal images share their entries
     assert len(list((data / ".loha_cache").glob("latents-*.safetensors"))) == 2 * len(

@@ -83,22 +83,27 @@ def assert_export_reproduces(cfg, exported: Path, checkpoint: Path, atol: float 
     torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)
 
 
+# A resume mid-epoch with accumulation, a warm-up and cosine schedule, dropout, flips, caption dropout, noise
+# offset and min-SNR (5 images: 3 steps per epoch, the last with one micro-batch); the SDXL test extends it.
+RESUME_FLAGS = [
+    "--max_train_steps", "6",
+    "--train_batch_size", "1",
+    "--gradient_accumulation_steps", "2",
+    "--checkpointing_steps", "2",
+    "--lr_scheduler", "cosine",
+    "--lr_warmup_steps", "2",
+    "--rank_dropout", "0.2",
+    "--random_flip",
+    "--caption_dropout_rate", "0.3",
+    "--noise_offset", "0.05",
+    "--snr_gamma", "5",
+]  # fmt: skip
+
+
 def test_resume_is_bit_exact(tiny_sd1_pipeline_dir, tmp_path):
     """6 steps straight == 4 steps, stop, resume from the step-4 checkpoint to 6 (mid-epoch, with accumulation)."""
     data = make_dataset(tmp_path / "data", 5)
-    extra = [
-        "--max_train_steps", "6",
-        "--train_batch_size", "1",
-        "--gradient_accumulation_steps", "2",  # 5 images -> 3 steps per epoch, the last with one micro-batch
-        "--checkpointing_steps", "2",
-        "--lr_scheduler", "cosine",
-        "--lr_warmup_steps", "2",
-        "--rank_dropout", "0.2",
-        "--random_flip",
-        "--caption_dropout_rate", "0.3",
-        "--noise_offset", "0.05",
-        "--snr_gamma", "5",
-    ]  # fmt: skip
+    extra = RESUME_FLAGS
     straight_cfg = load_config(
         base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "a", save_peft_format="true") + extra
     )
@@ -157,6 +162,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(flags: list[str]) -> subprocess.CompletedProcess:
+    """`scripts/train_loha_sd.py flags` under torchrun with 2 CPU processes (gloo, one thread each); asserts it
+    exits 0 (showing the end of its stderr otherwise) and returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(REPO / "scripts" / "train_loha_sd.py"), *flags,
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_two_processes_equal_one(tiny_sd1_pipeline_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) x batch 2 == 1 process x batch 4; only rank 0 writes files."""
     data = make_dataset(tmp_path / "data", 8)
@@ -168,15 +187,9 @@ def test_two_processes_equal_one(tiny_sd1_pipeline_dir, tmp_path):
     )
     assert single.global_step == 4
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "scripts" / "train_loha_sd.py"),
-        *base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common, "--train_batch_size", "2",
-    ]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_two_processes(
+        [*base_flags(tiny_sd1_pipeline_dir, data, tmp_path / "two"), *common, "--train_batch_size", "2"]
+    )
 
     one = load_file(str(tmp_path / "one" / "loha.safetensors"))
     two = load_file(str(tmp_path / "two" / "loha.safetensors"))
