@@ -199,6 +199,12 @@ def kohya_targets(pipe, convs: bool = True) -> dict[str, tuple[str, str]]:
     return targets
 
 
+def data_only_flags(data: Path) -> list[str]:
+    """The least command line that loads a config for the data folder `data` (a model name that is never
+    loaded, one step): for tests of the scan and the config alone."""
+    return ["--pretrained_model_name_or_path", "m", "--train_data_dir", str(data), "--max_train_steps", "1"]
+
+
 def write_kohya_file(
     path,
     pipe,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+from conftest import data_only_flags
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from test_training_loop import adapter_tensors, base_flags, run_two_processes
@@ -507,14 +508,7 @@ def test_bucketed_resume_with_caches_is_bit_exact(tiny_sd1_pipeline_dir, tmp_pat
 
 def test_scan_reports_no_square_crop_with_buckets_and_no_upscale_with_bucket_no_upscale(tmp_path):
     write_images(tmp_path, [(200, 100), (32, 32)])
-    base = [
-        "--pretrained_model_name_or_path",
-        "m",
-        "--train_data_dir",
-        str(tmp_path),
-        "--max_train_steps",
-        "1",
-    ]
+    base = data_only_flags(tmp_path)
     base += [
         "--resolution",
         "64",

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import data_only_flags
 from PIL import Image
 
 from loha_diffusion.errors import DataError
@@ -329,14 +330,7 @@ def test_non_utf8_metadata_is_a_named_error(tmp_path):
     make_image(tmp_path / "b.png")
     raw = b'{"file_name": "a.png", "text": "fine"}\n{"file_name": "b.png", "text": "caf\xe9"}\n'
     write_metadata(tmp_path, None, raw)
-    base = [
-        "--pretrained_model_name_or_path",
-        "m",
-        "--train_data_dir",
-        str(tmp_path),
-        "--max_train_steps",
-        "1",
-    ]
+    base = data_only_flags(tmp_path)
     with pytest.raises(DataError, match=r"metadata\.jsonl:2: not UTF-8: byte 0xe9 .*save it as UTF-8"):
         scan_training_data(load_config(base + ["--resolution", "32"]))
 

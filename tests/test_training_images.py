@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_only_flags
 from PIL import Image, ImageFile
 
 from loha_diffusion.errors import ConfigError, DataError
@@ -379,14 +380,7 @@ def test_too_large_image_in_the_scan_error_or_skip(tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "huge.png")
     for name in ("good", "huge"):
         (tmp_path / f"{name}.txt").write_text("x")
-    base = [
-        "--pretrained_model_name_or_path",
-        "m",
-        "--train_data_dir",
-        str(tmp_path),
-        "--max_train_steps",
-        "1",
-    ]
+    base = data_only_flags(tmp_path)
     cfg = load_config(base + ["--resolution", "8", "--max_image_pixels", "1000"])
     with pytest.raises(DataError, match=r"huge\.png: image too large.*max_image_pixels = 1,000"):
         scan_training_data(cfg)
@@ -418,14 +412,7 @@ def test_one_reader_for_scan_samples_and_validation(tmp_path):
     array[..., 1] = 255  # transparent green everywhere
     Image.fromarray(array, "RGBA").save(tmp_path / "a.png")
     caption(tmp_path / "a.png")
-    base = [
-        "--pretrained_model_name_or_path",
-        "m",
-        "--train_data_dir",
-        str(tmp_path),
-        "--max_train_steps",
-        "1",
-    ]
+    base = data_only_flags(tmp_path)
     cfg = load_config(base + ["--resolution", "8", "--background_color", "black"])
     summary = scan_training_data(cfg)
     assert summary.transparent == (tmp_path / "a.png",)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import data_only_flags
 from PIL import Image
 
 from loha_diffusion.errors import DataError
@@ -218,14 +219,7 @@ def test_a_keep_tokens_separator_that_has_no_effect_is_reported(tmp_path):
     make_image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("sks ||| red, blue")
     train_cfg = dict(resolution=32, keep_tokens_separator="|||")
-    flags = [
-        "--pretrained_model_name_or_path",
-        "m",
-        "--train_data_dir",
-        str(tmp_path),
-        "--max_train_steps",
-        "1",
-    ]
+    flags = data_only_flags(tmp_path)
     report = scan_training_data(load_config(flags, **train_cfg)).report()
     assert "1 caption holds keep_tokens_separator, which takes effect only with shuffle_caption" in report
     shuffled = scan_training_data(load_config(flags, shuffle_caption=True, **train_cfg)).report()
