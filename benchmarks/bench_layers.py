@@ -19,7 +19,7 @@ import peft
 import torch
 from lycoris.modules.loha import LohaModule
 from peft import set_peft_model_state_dict
-from timing import CLOCKS, medians, time_interleaved
+from timing import CLOCKS, add_timing_arguments, medians, set_threads, time_interleaved
 from torch import nn
 
 from loha_diffusion import LoHaConfig, get_adapter_state_dict, inject_adapter
@@ -114,13 +114,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument(
-        "--clock", default="wall", choices=sorted(CLOCKS), help="cpu: process CPU time (shared machines)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    add_timing_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     cases = [("linear", s, False) for s in LINEAR_SHAPES]
     cases += [("conv", s, cp) for s in CONV_SHAPES for cp in (False, True)]

@@ -32,7 +32,6 @@ LoHa step alone 18.7 s, frozen floor 15.2 s; the latent cache took 7 s per 512 p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import statistics
 import tempfile
@@ -46,7 +45,7 @@ import torch
 from bench_unet_step import Toggled, make_step
 from diffusers import AutoencoderKL
 from PIL import Image
-from timing import CLOCKS, time_interleaved
+from timing import CLOCKS, add_timing_arguments, set_threads, time_interleaved
 
 from loha_diffusion.model import enable_adapters
 from loha_diffusion.single_file import CLIP_TOKENIZER, base_configs_dir
@@ -54,7 +53,6 @@ from loha_diffusion.tiny import build_full_size_text_encoder, build_unet_from_co
 from loha_diffusion.training import loop
 from loha_diffusion.training.config import load_config
 
-HAS_TEXT_CACHE = importlib.util.find_spec("loha_diffusion.training.text_cache") is not None
 VARIANT_FLAGS = {
     "none": [],
     "latents": ["--cache_latents", "true"],
@@ -186,16 +184,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per variant")
     parser.add_argument("--repeats", type=int, default=3, help="UNet-alone samples per variant")
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    add_timing_arguments(parser)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--preset", default="full")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    variants = [v for v in args.variants if v != "all" or HAS_TEXT_CACHE]
-    if len(variants) < len(args.variants):
-        print("note: no text-encoder cache in this checkout (training/text_cache.py); variant 'all' left out")
+    set_threads(args.threads)
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
         tmp = Path(tmp)
@@ -206,7 +199,7 @@ def main() -> None:
         results: dict[str, list[float]] = {}
         unet: dict[str, list[float]] = {}
         cache_seconds = {}
-        for i, variant in enumerate(variants):
+        for i, variant in enumerate(args.variants):
             flags = [
                 "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
                 "--output_dir", str(tmp / f"out_{variant}"), "--resolution", str(args.resolution),
@@ -214,7 +207,7 @@ def main() -> None:
                 "--preset", args.preset, "--report_to", "none", "--save_peft_format", "false", "--seed", "0",
                 "--center_crop", "true", "--cache_dir", str(tmp / "cache"),
             ] + VARIANT_FLAGS[variant]  # fmt: skip
-            last = i == len(variants) - 1
+            last = i == len(args.variants) - 1
 
             def after_run(run, last=last):
                 if last:

@@ -18,7 +18,7 @@ import argparse
 import collections
 
 import torch
-from timing import CLOCKS, medians, time_interleaved
+from timing import CLOCKS, add_timing_arguments, medians, set_threads, time_interleaved
 from torch import nn
 
 from loha_diffusion import LoHaConfig, inject_adapter
@@ -146,13 +146,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--clock", default="wall", choices=sorted(CLOCKS), help="cpu: process CPU time (shared machines)"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    add_timing_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     counts, _ = unet_cases(args.latent, args.rank)
     print(
         f"SD1.5 UNet latent {args.latent}, r={args.rank}, {args.dtype}, {sum(counts.values())} adapted layers in "

@@ -33,7 +33,7 @@ import sys
 import peft
 import torch
 from lycoris.modules.loha import LohaModule
-from timing import CLOCKS, time_interleaved
+from timing import CLOCKS, add_timing_arguments, set_threads, time_interleaved
 
 from loha_diffusion import get_adapter_state_dict, inject_adapter
 from loha_diffusion.model import adapter_layers, disable_adapters, enable_adapters
@@ -231,14 +231,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "lycoris"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16: CPU autocast")
-    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
+    add_timing_arguments(parser)
     parser.add_argument("--adamw", default="default", choices=["default", "foreach", "fused"])
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per step")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.memory_child:
         memory_child(args)
         return

@@ -6,9 +6,12 @@ The scripts import it as `timing` (run as `python benchmarks/<script>.py`, their
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
 
 # `cpu` counts only this process's CPU time: on a shared machine with `--threads 1` it leaves out the time other
 # processes hold the core (use it for ratios; wall time is what a user waits).
@@ -35,3 +38,17 @@ def time_interleaved(
 def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     """The median of each runner's samples."""
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--clock` (a key of `CLOCKS`) and `--threads` (for `set_threads`), as every benchmark script takes them."""
+    parser.add_argument(
+        "--clock", default="wall", choices=sorted(CLOCKS), help="cpu: process CPU time (shared machines)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+
+
+def set_threads(threads: int | None) -> None:
+    """`torch.set_num_threads(threads)` when given (`--threads`), else torch's default stays."""
+    if threads:
+        torch.set_num_threads(threads)
