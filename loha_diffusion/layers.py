@@ -9,6 +9,7 @@ from torch import nn
 
 from .adapters.base import Adapter, LayerSpec, autocast_dtype
 from .errors import AdapterNameError, AdapterNotFoundError, AdapterStateError
+from .functional.bypass import base_plus_bypass
 
 # Names an adapter may not have: the wrapper's own attributes.
 RESERVED_ADAPTER_NAMES = ("base_layer", "adapters")
@@ -270,7 +271,8 @@ class AdapterLayer(nn.Module):
         self, running: list[Adapter], x: torch.Tensor, args: tuple, kwargs: dict
     ) -> torch.Tensor:
         """`forward` with the `running` adapters' factors in place: ΔWs summed for the merged (or separate)
-        form, bypasses added after, each scaled by its dropout draw."""
+        form, bypasses added after, each scaled by its dropout draw. Where `fused_dtype` allows, the first bypass
+        runs fused with the base op (`functional.bypass.base_plus_bypass`)."""
         can_merge = self.can_merge_in_forward(x)
         summed_delta = None
         bypassed = []
@@ -284,7 +286,10 @@ class AdapterLayer(nn.Module):
                 delta = delta * scale.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
             summed_delta = delta if summed_delta is None else summed_delta + delta
 
-        if summed_delta is None:
+        fused_dtype = self.fused_dtype(x, args, kwargs) if bypassed else None
+        if fused_dtype is not None and (summed_delta is None or can_merge):
+            out = self._base_plus_bypass(x, summed_delta, *bypassed.pop(0), fused_dtype)
+        elif summed_delta is None:
             out = self.base_layer(x, *args, **kwargs)
         elif can_merge:
             weight = self.base_layer.weight
@@ -300,6 +305,51 @@ class AdapterLayer(nn.Module):
                 delta_out = delta_out * scale.to(delta_out.dtype).view(shape)
             out = out + delta_out.to(out.dtype)
         return out
+
+    def fused_dtype(
+        self, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None
+    ) -> torch.dtype | None:
+        """The dtype the base op and a bypass can run in fused (`functional.bypass.base_plus_bypass`), or None
+        when they must run apart: the base layer is a plain `nn.Linear`/`nn.Conv1d`/`nn.Conv2d` called with `x`
+        alone, without hooks (an accelerate `_hf_hook` or forward hooks must see `base_layer(x)` run), with
+        integer padding; the dtype is autocast's on `x`'s device (what the base op would compute in), else `x`'s,
+        which must then be the base weight's (otherwise the base op itself would fail)."""
+        base = self.base_layer
+        if args or kwargs or type(base) not in (nn.Linear, nn.Conv1d, nn.Conv2d):
+            return None
+        if getattr(base, "_hf_hook", None) is not None or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if isinstance(self.spec.padding, str):
+            return None
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None and x.dtype != base.weight.dtype:
+            return None
+        return x.dtype if dtype is None else dtype
+
+    def _base_plus_bypass(
+        self,
+        x: torch.Tensor,
+        summed_delta: torch.Tensor | None,
+        adapter: Adapter,
+        scale: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The base op (its weight plus `summed_delta`, the merged adapters' ΔW, if any) and `adapter`'s bypass in
+        one fused node, in `dtype`; the scaling and the dropout draw `scale` go into the `(out, R)` factor."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if summed_delta is not None:
+            weight = weight + summed_delta.to(weight.dtype)
+        down, core, up = adapter.bypass_factors()
+        factor = adapter.scaling if scale is None else scale.to(up.dtype).reshape(-1, 1) * adapter.scaling
+        return base_plus_bypass(
+            x.to(dtype),
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
+            down.to(dtype),
+            None if core is None else core.to(dtype),
+            (up * factor).to(dtype),
+            self.spec.geometry,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterStateError
+from ..functional.bypass import ConvGeometry, bypass_delta
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -84,6 +85,14 @@ class LayerSpec:
     @property
     def is_conv(self) -> bool:
         return self.op != "linear"
+
+    @property
+    def geometry(self) -> ConvGeometry | None:
+        """The conv's stride, padding and dilation for the bypass ops (`functional.bypass`); None for a Linear.
+        The padding may be a string ("same"/"valid") here; the fused form needs integers."""
+        if not self.is_conv:
+            return None
+        return ConvGeometry(self.stride, self.padding, self.dilation)
 
     @property
     def channel_dim(self) -> int:
@@ -215,14 +224,42 @@ class Adapter(nn.Module):
         """Whether `bypass(x)` costs less than running the base op with a merged weight."""
         return False
 
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        """Δ(x) computed without building ΔW (only for kinds that have a low-rank form)."""
+    def bypass_factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`(down, core, up)` of the low-rank form `Δ(x) = scaling · up ∘ [core ∘] down (x)`, without the
+        scaling, in the factors' dtype and on their device, with autograd to the factors. Layouts as in
+        `functional.bypass` (`down (R, in)` / `(R, in, *kernel)`, `core (R, R, *kernel)` or None, `up (out, R)`).
+        Only kinds with a low-rank form implement it (LoHa: the Khatri-Rao factors, R = r²; LoRA: R = r).
+
+        Raises:
+            NotImplementedError: the kind has no low-rank form (LoKr).
+        """
         raise NotImplementedError(f"{self.kind} adapters have no bypass form")
 
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """Δ(x) computed without building ΔW (`functional.bypass.bypass_delta`), in `x`'s dtype (under autocast
+        the factors' dtype, which autocast then casts), shaped like the base layer's output.
+
+        Raises:
+            NotImplementedError: the kind has no low-rank form (LoKr).
+        """
+        down, core, up = self.bypass_factors()
+        dtype = x.dtype if autocast_dtype(x.device.type) is None else up.dtype
+        return bypass_delta(
+            x,
+            down.to(dtype),
+            None if core is None else core.to(dtype),
+            (up * self.scaling).to(dtype),
+            self.spec.geometry,
+        )
+
     def has_bypass(self) -> bool:
-        """Whether `bypass` is exact on this layer: the kind overrides it and the layer is ungrouped with zero
-        padding (the low-rank convs are ungrouped). A kind with a grouped bypass overrides this."""
-        return type(self).bypass is not Adapter.bypass and self.spec.groups == 1 and self.spec.zero_padding
+        """Whether `bypass` is exact on this layer: the kind has a low-rank form (`bypass_factors`) and the layer
+        is ungrouped with zero padding (the low-rank convs are ungrouped)."""
+        return (
+            type(self).bypass_factors is not Adapter.bypass_factors
+            and self.spec.groups == 1
+            and self.spec.zero_padding
+        )
 
     def rank_dropout_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """PEFT's rank dropout: keep each output row with probability 1-p, rescale by 1/kept-fraction;

@@ -6,11 +6,10 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..functional import loha as loha_fn
-from .base import Adapter, LayerSpec, autocast_dtype
+from .base import Adapter, LayerSpec
 from .costs import bypass_is_cheaper
 
 
@@ -160,51 +159,23 @@ class LoHaAdapter(Adapter):
             device_type=x.device.type if device_type is None else device_type,
         )
 
-    def _bypass_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`P (out, r²)`, `Q (r², in·k)` (CP: `(r², in)`) and the CP core `(r², r², *kernel)`: the values of
-        `functional.loha.bypass_factors`, built in the layouts the matmuls read. `Q` comes out row-major over
-        the inputs (no transposed Khatri-Rao rows and no copy before the matmul), which cut the bypass's
-        fixed cost on small-token layers by ~0.15 ms of ~0.5-1.5 ms (CPU fp32, 1280-wide Linear)."""
+    def bypass_factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`(down, core, up)` = `(Q, T, P)` of `functional.loha.bypass_factors` (the Khatri-Rao form, R = r²):
+        `Q (r², in)` for a Linear or CP conv, `(r², in, *kernel)` for a flat conv, the CP core `T (r², r², *kernel)`
+        or None, `P (out, r²)`; no scaling. Built in the layouts the matmuls read: `Q` row-major over the inputs
+        (no transposed Khatri-Rao rows and no copy before the matmul), which cut the bypass's fixed cost on
+        small-token layers by ~0.15 ms of ~0.5-1.5 ms (CPU fp32, 1280-wide Linear)."""
         w1a, w1b, w2a, w2b, t1, t2 = self._factors()
-        r = self.r
+        r, spec = self.r, self.spec
         # Q[i·r + j, n] = w1b[i, n] · w2b[j, n]
         q = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, w1b.shape[1])
         if t1 is None:
             # P[o, i·r + j] = w1a[o, i] · w2a[o, j]
             p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)
-            return p, q, None
+            if spec.is_conv:
+                q = q.reshape(r * r, spec.in_features, *spec.kernel_size)
+            return q, None, p
         p = (w1a[:, None, :] * w2a[None, :, :]).reshape(r * r, w1a.shape[1]).t()
         # T[(a, c), (b, d), *k] = t1[a, b, *k] · t2[c, d, *k]
         core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r * r, r * r, *t1.shape[2:])
-        return p, q, core
-
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        """Δ(x) as a rank-r² product: `s · (x Qᵀ) Pᵀ` (convs: k×k conv with Q, [CP: 1×1 Q, k×k T], 1×1 P)."""
-        spec = self.spec
-        p, q, core = self._bypass_factors()
-        dtype = x.dtype if autocast_dtype(x.device.type) is None else p.dtype
-        p, q = p.to(dtype), q.to(dtype)
-        if spec.op == "linear":
-            hidden = F.linear(x, q)
-            # The scaling goes on the smaller of the rank-r² intermediate and P (one token: 64 values, not
-            # out × 64); under autocast (hidden in half precision, P not yet) on P, not to round twice.
-            if hidden.numel() < p.numel() and hidden.dtype == p.dtype:
-                return F.linear(hidden * self.scaling, p)
-            return F.linear(hidden, p * self.scaling)
-        p = p * self.scaling
-        conv = F.conv2d if spec.op == "conv2d" else F.conv1d
-        pointwise = (1,) * len(spec.kernel_size)
-        if core is None:
-            hidden = conv(
-                x,
-                q.reshape(q.shape[0], spec.in_features, *spec.kernel_size),
-                None,
-                spec.stride,
-                spec.padding,
-                spec.dilation,
-            )
-        else:
-            core = core.reshape(core.shape[0], core.shape[1], *spec.kernel_size).to(dtype)
-            hidden = conv(x, q.reshape(*q.shape, *pointwise))
-            hidden = conv(hidden, core, None, spec.stride, spec.padding, spec.dilation)
-        return conv(hidden, p.reshape(*p.shape, *pointwise))
+        return q, core.reshape(r * r, r * r, *spec.kernel_size), p

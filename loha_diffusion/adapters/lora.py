@@ -6,11 +6,10 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..functional import lora as lora_fn
-from .base import Adapter, LayerSpec, autocast_dtype
+from .base import Adapter, LayerSpec
 from .costs import bypass_is_cheaper
 
 
@@ -133,21 +132,12 @@ class LoRAAdapter(Adapter):
             long_linear=False,
         )
 
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        """`s · B(A(x))` as two (three with Tucker) thin ops, never building ΔW."""
-        spec = self.spec
-        dtype = x.dtype if autocast_dtype(x.device.type) is None else self.lora_A.dtype
-        down, up = self.lora_A.to(dtype), (self.lora_B * self.scaling).to(dtype)
-        if spec.op == "linear":
-            return F.linear(F.linear(x, down), up)
-        conv = F.conv2d if spec.op == "conv2d" else F.conv1d
-        if self.is_cp:
-            hidden = conv(
-                conv(x, down), self.lora_mid.to(dtype), None, spec.stride, spec.padding, spec.dilation
-            )
-        else:
-            hidden = conv(x, down, None, spec.stride, spec.padding, spec.dilation)
-        return conv(hidden, up)
+    def bypass_factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`(down, core, up)` = `(A, mid, B)`, PEFT's two (Tucker: three) thin ops, never building ΔW: `A (r, in)`
+        for a Linear or Tucker conv, `(r, in, *kernel)` for a flat conv, `mid (r, r, *kernel)` or None,
+        `B (out, r)`; no scaling."""
+        down = self.lora_A.flatten(1) if self.is_cp else self.lora_A
+        return down, self.lora_mid, self.lora_B.flatten(1)
 
 
 def fit_unit_dims(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
