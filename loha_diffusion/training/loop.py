@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, *, stop_at_step: int | None = None) -> TrainResult:
     # the same adapter initialisation in every process, whatever the base model's format.
     set_seed(cfg.seed)
     add_adapters(models, cfg, unet_config, te_config)
-    optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models))
+    optimizer = make_optimizer(cfg, trainable_param_groups(cfg, models), accelerator.mixed_precision)
     loader, sampler = training_dataloader(cfg, summary)
     attach_latent_cache(cfg, loader.dataset, models.vae, accelerator)  # cache_latents: VAE once per image
     schedule = compute_schedule(cfg, len(loader.dataset), accelerator.num_processes, num_batches=len(loader))

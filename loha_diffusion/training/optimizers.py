@@ -16,6 +16,12 @@ The rules imitate kohya sd-scripts' `train_util.get_optimizer` / `get_scheduler_
   (which only reports that step size), kohya's `lr_scheduler = "adafactor"`. `warmup_init=True` implies
   `relative_step=True`, as kohya sets it. Its own warm-up replaces `lr_warmup_steps` (kohya refuses both).
 - Prodigy estimates the step size: `learning_rate` is a multiplier, ~1.0 (kohya warns below 0.1; so do we).
+
+torch's AdamW runs its fused kernel (`fused=True`) where torch supports it for every trained parameter
+(`use_fused_adamw`; 39 -> 14 ms per optimizer step over the SD1.5 UNet's 1212 LoHa factors on one CPU
+thread, and the fast path on CUDA). kohya leaves torch's default (a for-loop on CPU, `foreach` on CUDA); the
+update is the same AdamW to float rounding. `optimizer_args` setting `fused` or `foreach` keep the user's
+choice, and fp16 mixed precision keeps torch's default (see `use_fused_adamw`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 from torch import nn
 from transformers.optimization import AdafactorSchedule
 
@@ -317,10 +324,57 @@ def trainable_param_groups(cfg: TrainConfig, models: Models) -> list[dict]:
     ]
 
 
-def make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+def use_fused_adamw(cfg: TrainConfig, params: list[torch.Tensor], mixed_precision: str | None = None) -> bool:
+    """True when `cfg`'s optimizer should be torch's AdamW with `fused=True` over `params` (the trained
+    parameters): `optimizer_type` "AdamW", `optimizer_args` setting neither `fused` nor `foreach` (the user's
+    choice wins), not fp16 mixed precision, and torch's own rule for its fused kernels holding for every
+    parameter (`torch.optim.optimizer._default_to_fused_or_foreach`: a plain floating-point tensor on a device
+    type of `_get_fused_kernels_supported_devices()`, not `differentiable`), so torch's list of devices is
+    used, not ours. `mixed_precision` is the run's resolved precision (`accelerator.mixed_precision`); None
+    takes `cfg.mixed_precision`.
+
+    fp16 is left out because accelerate (1.15) tells a step the gradient scaler skipped for an overflow by
+    the optimizer's `step` not being called; the fused kernel is called and skips the update itself, so
+    accelerate would advance the LR schedule on skipped steps (huggingface/accelerate#4242)."""
+    if cfg.optimizer_type != "AdamW":
+        return False
+    args = parse_optimizer_args(cfg.optimizer_args)
+    if "fused" in args or "foreach" in args:
+        return False
+    if (mixed_precision or cfg.mixed_precision) == "fp16":
+        return False
+    # Private in torch (the rule its optimizers apply for `fused=None`), so a torch without it falls back.
+    torch_rule = getattr(torch_optimizer, "_default_to_fused_or_foreach", None)
+    if torch_rule is None:
+        return False
+    fused, _ = torch_rule(list(params), bool(args.get("differentiable", False)), use_fused=True)
+    return bool(fused)
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A `load_state_dict` pre-hook: the loaded param groups take this optimizer's `fused` and `foreach`.
+
+    torch restores them from the checkpoint, but which kernel runs belongs to this run (its device, its
+    mixed precision), not to the run that saved: a checkpoint of a bf16 run resumed under fp16 must not stay
+    fused. torch then places each state's `step` for the kernel in use (on the parameter's device when
+    fused). With the same settings the values are equal and nothing changes."""
+    groups = [
+        {**saved, **{key: group[key] for key in ("fused", "foreach") if key in group}}
+        for saved, group in zip(state_dict["param_groups"], optimizer.param_groups)
+    ]
+    # torch passes a shallow copy; the caller's groups are left as they were.
+    return {**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups) :]}
+
+
+def make_optimizer(
+    cfg: TrainConfig, param_groups: list[dict], mixed_precision: str | None = None
+) -> torch.optim.Optimizer:
     """`cfg.optimizer_type`'s optimizer over `param_groups` (`trainable_param_groups`), with
     `optimizer_kwargs(cfg)` and `lr = learning_rate` as the default rate; for Adafactor's relative step
-    `lr = None` and the groups' rates dropped, as kohya does. Logs the optimizer and `optimizer_warnings`.
+    `lr = None` and the groups' rates dropped, as kohya does. torch's AdamW gets `fused=True` where
+    `use_fused_adamw` says so (`mixed_precision`: the run's, `accelerator.mixed_precision`; None takes
+    `cfg.mixed_precision`), and keeps this choice when a checkpoint's state is loaded (`_keep_implementation`).
+    Logs the optimizer and `optimizer_warnings`.
 
     Raises:
         ConfigError: as `optimizer_class` (a package that cannot be imported), or the optimizer refuses the
@@ -332,13 +386,19 @@ def make_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Op
     if adafactor_relative_step(cfg):
         lr = None
         param_groups = [{k: v for k, v in group.items() if k != "lr"} for group in param_groups]
-    logger.info("optimizer: %s", optimizer_description(cfg))
+    params = [p for group in param_groups for p in group["params"]]
+    if use_fused_adamw(cfg, params, mixed_precision):
+        kwargs["fused"] = True
+    logger.info("optimizer: %s%s", optimizer_description(cfg), " (fused)" if kwargs.get("fused") else "")
     for warning in optimizer_warnings(cfg):
         logger.warning("%s", warning)
     try:
-        return cls(param_groups, lr=lr, **kwargs)
+        optimizer = cls(param_groups, lr=lr, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"optimizer_type = {cfg.optimizer_type!r} refuses its settings: {exc}") from None
+    if cfg.optimizer_type == "AdamW":
+        optimizer.register_load_state_dict_pre_hook(_keep_implementation)
+    return optimizer
 
 
 def make_lr_scheduler(
