@@ -10,13 +10,27 @@ ratios to the floor, per repeat and of the medians.
 `--clock cpu` times the process's CPU time instead of the wall clock: on a machine shared with other work,
 with `--threads 1`, it does not count the time other processes hold the core (use it for ratios; wall time is
 what a user waits). `--arch sdxl` times the SDXL base UNet instead (ours against the floor only, on one
-shared UNet with the adapters switched off for the floor; about 20 GB of RAM at `--latent 64`). `--memory` also measures each variant's peak memory during one step above its memory before
-the step, in a fresh subprocess per variant (the kernel's resident-set high-water mark, reset just before the
+shared UNet with the adapters switched off for the floor; about 20 GB of RAM at `--latent 64`).
+
+`--memory` also measures each variant's peak memory during one step above its memory before the step, in a fresh subprocess per variant (the kernel's resident-set high-water mark, reset just before the
 step, with glibc told to return large blocks to the system at once so the mark follows torch's allocations);
 "added" is that peak minus the floor's. Needs ~4 GB of RAM per variant (each holds its own UNet copy).
 
+`--macs` counts each variant's multiply-adds in one step (torch's `FlopCounterMode`: matmuls, convs, attention,
+forward and backward). Their ratio to the floor's is the bound for the time ratio: an implementation of the same
+exact forms cannot go below it unless its extra ops run faster than the floor's own (our thin rank-r² matmuls run
+at about half the speed of the big 3×3 convs on CPU).
+
+glibc's allocator returns large freed blocks to the system and takes page faults on every step (~0.5-1 s of kernel
+time per 256 px step on this project's VM, more for the variant that allocates more); for the ratios run with
+`MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=536870912` (or a caching
+allocator such as jemalloc/tcmalloc via `LD_PRELOAD`, as PyTorch's CPU performance guide recommends). Run
+`--memory` without these settings: the timing process would keep every freed block while the memory subprocesses
+run (out of memory on a 24 GB machine).
+
     python benchmarks/bench_unet_step.py --latent 32 --repeats 3 --threads 1 --clock cpu --memory
     python benchmarks/bench_unet_step.py --latent 64 --repeats 2 --skip peft lycoris --dtype bf16
+    python benchmarks/bench_unet_step.py --latent 32 --repeats 5 --threads 1 --clock cpu --skip lycoris --macs
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import sys
 
 import peft
 import torch
+import torch.utils.flop_counter as flop_counter
 from lycoris.modules.loha import LohaModule
 from timing import CLOCKS, add_timing_arguments, set_threads, time_interleaved
 
@@ -149,6 +164,38 @@ def make_step(model, params: list, latent: int, dtype: torch.dtype, adamw: str, 
     return step
 
 
+# Ops FlopCounterMode has no formula for that our steps run: the in-place β = 1 accumulations of the fused
+# bypass and the CPU flash-attention kernels; the formulas of their out-of-place / CUDA siblings apply. The
+# registry holds them already shape-wrapped, so they are passed on raw.
+def _raw(formula):
+    def counted(*args, **kwargs):
+        return formula(*args, **kwargs)
+
+    counted._get_raw = True
+    return counted
+
+
+_aten = torch.ops.aten
+EXTRA_FLOP_FORMULAS = {
+    _aten.addmm_: _raw(flop_counter.flop_registry[_aten.addmm]),
+    _aten.baddbmm_: _raw(flop_counter.flop_registry[_aten.baddbmm]),
+    _aten._scaled_dot_product_flash_attention_for_cpu: _raw(
+        flop_counter.flop_registry[_aten._scaled_dot_product_flash_attention]
+    ),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _raw(
+        flop_counter.flop_registry[_aten._scaled_dot_product_flash_attention_backward]
+    ),
+}
+
+
+def count_macs(step) -> int:
+    """Multiply-adds of one call of `step` (matmuls, convs and attention, forward and backward; elementwise ops
+    and the optimizer are not counted), with torch's `FlopCounterMode` (2 flops per multiply-add)."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        step()
+    return counter.get_total_flops() // 2
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -232,8 +279,16 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "lycoris"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16: CPU autocast")
     add_timing_arguments(parser)
-    parser.add_argument("--adamw", default="default", choices=["default", "foreach", "fused"])
+    parser.add_argument(
+        "--adamw",
+        default="fused",
+        choices=["default", "foreach", "fused"],
+        help="torch AdamW implementation (fused: what the trainer uses where torch supports it)",
+    )
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per step")
+    parser.add_argument(
+        "--macs", action="store_true", help="also count each variant's multiply-adds per step (the bound)"
+    )
     parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -244,6 +299,7 @@ def main() -> None:
     models, params, n_targets = build_variants(names, args.rank, args.arch)
     dtype = DTYPES[args.dtype]
     steps = {n: make_step(models[n], params[n], args.latent, dtype, args.adamw, args.arch) for n in names}
+    macs = {n: count_macs(step) for n, step in steps.items()} if args.macs else None
     samples = time_interleaved(steps, args.repeats, CLOCKS[args.clock])
     del steps, models, params
     gc.collect()
@@ -254,6 +310,9 @@ def main() -> None:
         f"{args.clock} clock, medians of {args.repeats}"
     )
     report(samples, peaks)
+    if macs:
+        for n, count in macs.items():
+            print(f"{n:<8} {count / 1e9:8.1f} GMAC per step   x{count / macs['floor']:.3f} floor")
 
 
 if __name__ == "__main__":
