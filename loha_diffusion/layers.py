@@ -311,13 +311,14 @@ class AdapterLayer(nn.Module):
     ) -> torch.dtype | None:
         """The dtype the base op and a bypass can run in fused (`functional.bypass.base_plus_bypass`), or None
         when they must run apart: the base layer is a plain `nn.Linear`/`nn.Conv1d`/`nn.Conv2d` called with `x`
-        alone, without hooks (an accelerate `_hf_hook` or forward hooks must see `base_layer(x)` run), with
+        alone, without hooks (an accelerate `_hf_hook`, forward or backward hooks must see `base_layer` run), with
         integer padding; the dtype is autocast's on `x`'s device (what the base op would compute in), else `x`'s,
         which must then be the base weight's (otherwise the base op itself would fail)."""
         base = self.base_layer
         if args or kwargs or type(base) not in (nn.Linear, nn.Conv1d, nn.Conv2d):
             return None
-        if getattr(base, "_hf_hook", None) is not None or base._forward_hooks or base._forward_pre_hooks:
+        hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
+        if getattr(base, "_hf_hook", None) is not None or any(hooks):
             return None
         if isinstance(self.spec.padding, str):
             return None

@@ -151,6 +151,10 @@ def test_fused_only_where_it_may():
     handle = layer.base_layer.register_forward_hook(lambda *a: None)
     assert layer.fused_dtype(x) is None  # the hook must see base_layer run
     handle.remove()
+    handle = layer.base_layer.register_full_backward_hook(lambda *a: None)
+    assert layer.fused_dtype(x) is None
+    handle.remove()
+    assert layer.fused_dtype(x) == torch.float64
     layer.base_layer._hf_hook = object()
     assert layer.fused_dtype(x) is None
     same = _layer(nn.Conv2d(4, 6, 3, padding="same"))
