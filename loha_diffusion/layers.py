@@ -336,19 +336,22 @@ class AdapterLayer(nn.Module):
         dtype: torch.dtype,
     ) -> torch.Tensor:
         """The base op (its weight plus `summed_delta`, the merged adapters' ΔW, if any) and `adapter`'s bypass in
-        one fused node, in `dtype`; the scaling and the dropout draw `scale` go into the `(out, R)` factor."""
+        one fused node, in `dtype`; the scaling and the dropout draw `scale` go into the `(out, R)` factor, and the
+        node keeps the adapter's `bypass_sources` (not the factors built from them) for backward."""
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if summed_delta is not None:
             weight = weight + summed_delta.to(weight.dtype)
-        down, core, up = adapter.bypass_factors()
-        factor = adapter.scaling if scale is None else scale.to(up.dtype).reshape(-1, 1) * adapter.scaling
+        builder, sources = adapter.bypass_sources()
+        up_scale = adapter.scaling
+        if scale is not None:
+            up_scale = scale.to(sources[0].dtype).reshape(-1, 1) * adapter.scaling
         return base_plus_bypass(
             x.to(dtype),
             weight.to(dtype),
             None if bias is None else bias.to(dtype),
-            down.to(dtype),
-            None if core is None else core.to(dtype),
-            (up * factor).to(dtype),
+            up_scale,
+            builder,
+            sources,
             self.spec.geometry,
         )
 

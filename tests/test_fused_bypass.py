@@ -12,7 +12,8 @@ from torch import nn
 
 from loha_diffusion.adapters.loha import LoHaAdapter
 from loha_diffusion.adapters.lora import LoRAAdapter
-from loha_diffusion.functional.bypass import ConvGeometry, base_plus_bypass, bypass_delta
+from loha_diffusion.functional.bypass import GIVEN_FACTORS, ConvGeometry, base_plus_bypass, bypass_delta
+from loha_diffusion.functional.loha import KhatriRaoFactors
 from loha_diffusion.layers import AdapterLayer
 
 R = 3
@@ -49,19 +50,30 @@ def _operands(name: str, weight_grad: bool, bias: bool):
     )
 
 
+def _given(down, core, up):
+    return (down, up) if core is None else (down, core, up)
+
+
+@pytest.mark.parametrize("row_scale", [False, True])
 @pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_gradcheck_every_operand(name, weight_grad):
+def test_gradcheck_every_operand(name, weight_grad, row_scale):
     x, w, b, down, core, up, geometry = _operands(name, weight_grad, bias=True)
-    inputs = (x, w, b, down, core, up)
-    assert torch.autograd.gradcheck(lambda *t: base_plus_bypass(*t, geometry), inputs)
+    out_features = w.shape[0]
+    up_scale = torch.rand(out_features, 1, dtype=torch.float64) if row_scale else 0.7
+    sources = _given(down, core, up)
+
+    def fused(x, w, b, *sources):
+        return base_plus_bypass(x, w, b, up_scale, GIVEN_FACTORS, sources, geometry)
+
+    assert torch.autograd.gradcheck(fused, (x, w, b, *sources))
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_equals_the_separate_ops(name, bias):
     x, w, b, down, core, up, geometry = _operands(name, weight_grad=True, bias=bias)
-    fused = base_plus_bypass(x, w, b, down, core, up, geometry)
+    fused = base_plus_bypass(x, w, b, 1.0, GIVEN_FACTORS, _given(down, core, up), geometry)
     if geometry is None:
         base = nn.functional.linear(x, w, b)
     else:
@@ -74,6 +86,46 @@ def test_equals_the_separate_ops(name, bias):
     expected = torch.autograd.grad(separate, tensors, grad)
     for g_got, g_expected in zip(got, expected):
         torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+
+
+# LoHa sources (PEFT layouts, rank 2): flat (out 5, in·k 12, conv kernel (2, 3) or none) and CP (kernel 3×3)
+KHATRI_RAO = {
+    "flat_linear": ([(5, 2), (2, 12), (5, 2), (2, 12)], ()),
+    "flat_conv": ([(5, 2), (2, 12), (5, 2), (2, 12)], (2, 3)),
+    "cp": ([(2, 5), (2, 4), (2, 5), (2, 4), (2, 2, 3, 3), (2, 2, 3, 3)], ()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KHATRI_RAO))
+def test_khatri_rao_backward_is_the_products_gradient(name):
+    """`KhatriRaoFactors.backward` equals float64 autograd through its own `build`."""
+    shapes, kernel = KHATRI_RAO[name]
+    g = torch.Generator().manual_seed(3)
+    sources = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    builder = KhatriRaoFactors(kernel)
+    factors = builder.build(*sources)
+    grads = [None if f is None else torch.randn(f.shape, generator=g, dtype=torch.float64) for f in factors]
+    used = [(f, gr) for f, gr in zip(factors, grads) if f is not None]
+    expected = torch.autograd.grad([f for f, _ in used], sources, [gr for _, gr in used])
+    got = builder.backward(tuple(s.detach() for s in sources), *grads)
+    for g_got, g_expected in zip(got, expected):
+        torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_through_khatri_rao_sources():
+    """The fused node with LoHa's own tensors as sources (CP conv, dropout rows): float64 gradcheck."""
+    geometry = ConvGeometry((1, 1), (1, 1), (1, 1))
+    g = torch.Generator().manual_seed(4)
+    shapes = KHATRI_RAO["cp"][0]
+    sources = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    x = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, generator=g, dtype=torch.float64)
+    up_scale = torch.rand(5, 1, generator=g, dtype=torch.float64)
+
+    def fused(x, *sources):
+        return base_plus_bypass(x, w, None, up_scale, KhatriRaoFactors(), sources, geometry)
+
+    assert torch.autograd.gradcheck(fused, (x, *sources))
 
 
 def _layer(base: nn.Module, kind=LoHaAdapter, **kwargs) -> AdapterLayer:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterStateError
-from ..functional.bypass import ConvGeometry, bypass_delta
+from ..functional.bypass import GIVEN_FACTORS, ConvGeometry, FactorBuilder, bypass_delta
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -234,6 +234,18 @@ class Adapter(nn.Module):
             NotImplementedError: the kind has no low-rank form (LoKr).
         """
         raise NotImplementedError(f"{self.kind} adapters have no bypass form")
+
+    def bypass_sources(self) -> tuple[FactorBuilder, tuple[torch.Tensor, ...]]:
+        """`(builder, sources)` with `builder.build(*sources) == bypass_factors()`: what the fused node
+        (`functional.bypass.base_plus_bypass`) keeps for backward and rebuilds the factors from. By default the
+        factors themselves (`GIVEN_FACTORS`); kinds whose factors are products of their tensors (LoHa's
+        Khatri-Rao factors) give their tensors and a builder, so the products are not kept alive.
+
+        Raises:
+            NotImplementedError: the kind has no low-rank form (LoKr).
+        """
+        down, core, up = self.bypass_factors()
+        return GIVEN_FACTORS, (down, up) if core is None else (down, core, up)
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         """Δ(x) computed without building ΔW (`functional.bypass.bypass_delta`), in `x`'s dtype (under autocast

@@ -159,23 +159,15 @@ class LoHaAdapter(Adapter):
             device_type=x.device.type if device_type is None else device_type,
         )
 
+    def bypass_sources(self) -> tuple[loha_fn.KhatriRaoFactors, tuple[torch.Tensor, ...]]:
+        """`(KhatriRaoFactors, the factors)`: the fused node keeps the factors, not their Khatri-Rao products."""
+        return loha_fn.KhatriRaoFactors(self.spec.kernel_size), tuple(self.state_tensors().values())
+
     def bypass_factors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """`(down, core, up)` = `(Q, T, P)` of `functional.loha.bypass_factors` (the Khatri-Rao form, R = r²):
         `Q (r², in)` for a Linear or CP conv, `(r², in, *kernel)` for a flat conv, the CP core `T (r², r², *kernel)`
-        or None, `P (out, r²)`; no scaling. Built in the layouts the matmuls read: `Q` row-major over the inputs
-        (no transposed Khatri-Rao rows and no copy before the matmul), which cut the bypass's fixed cost on
-        small-token layers by ~0.15 ms of ~0.5-1.5 ms (CPU fp32, 1280-wide Linear)."""
-        w1a, w1b, w2a, w2b, t1, t2 = self._factors()
-        r, spec = self.r, self.spec
-        # Q[i·r + j, n] = w1b[i, n] · w2b[j, n]
-        q = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, w1b.shape[1])
-        if t1 is None:
-            # P[o, i·r + j] = w1a[o, i] · w2a[o, j]
-            p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)
-            if spec.is_conv:
-                q = q.reshape(r * r, spec.in_features, *spec.kernel_size)
-            return q, None, p
-        p = (w1a[:, None, :] * w2a[None, :, :]).reshape(r * r, w1a.shape[1]).t()
-        # T[(a, c), (b, d), *k] = t1[a, b, *k] · t2[c, d, *k]
-        core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r * r, r * r, *t1.shape[2:])
-        return q, core.reshape(r * r, r * r, *spec.kernel_size), p
+        or None, `P (out, r²)`; no scaling. Built by `KhatriRaoFactors` in the layouts the matmuls read (`Q`
+        row-major over the inputs: no transposed Khatri-Rao rows and no copy before the matmul), which cut the
+        bypass's fixed cost on small-token layers by ~0.15 ms of ~0.5-1.5 ms (CPU fp32, 1280-wide Linear)."""
+        builder, sources = self.bypass_sources()
+        return builder.build(*sources)

@@ -7,7 +7,11 @@ Layouts (PEFT / LyCORIS / Kohya): flat `w*_a (out, r)`, `w*_b (r, in·k)`; CP (e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .bypass import FactorBuilder
 
 # FedPara Proposition 3: M[p, q, *k] = Σ_ij t[i, j, *k] · w_b[j, q] · w_a[i, p]
 _CP_EQUATION = "ij...,jq,ip->pq..."
@@ -144,3 +148,52 @@ def bypass_factors(
     # T[(a,c), (b,d), *k] = t1[a, b, *k] · t2[c, d, *k]
     core = t1[:, None, :, None] * t2[None, :, None, :]
     return p, q, core.reshape(r1 * r2, r1 * r2, *kernel)
+
+
+@dataclass(frozen=True)
+class KhatriRaoFactors(FactorBuilder):
+    """LoHa's bypass factors from its own tensors, for the fused node (`functional.bypass`): sources
+    `(w1a, w1b, w2a, w2b)` (flat) or `(w1a, w1b, w2a, w2b, t1, t2)` (CP), in PEFT's layouts (module docstring).
+
+    `down = Q (r², in·k)` with `Q[i·r + j, n] = w1b[i, n]·w2b[j, n]` (reshaped `(r², in, *kernel)` for a flat
+    conv; `kernel` is the conv's kernel size, empty for a Linear), `up = P (out, r²)` with `P[o, i·r + j] = w1a[o, i]·w2a[o, j]` (CP: `w1a[i, o]·w2a[j, o]`), and the
+    CP core `T[(a, c), (b, d), *k] = t1[a, b, *k]·t2[c, d, *k]` shaped `(r², r², *kernel)` (PEFT's Conv1d cores
+    are `(r, r, k, 1)`), so `(w1a@w1b) ⊙ (w2a@w2b) = P@Q`. Built in the
+    layouts the matmuls read (`Q` row-major over the inputs). `backward` is the products' exact gradient."""
+
+    kernel: tuple[int, ...] = ()
+
+    def build(self, w1a, w1b, w2a, w2b, t1=None, t2=None):
+        r = w1b.shape[0]
+        q = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, w1b.shape[1])
+        if t1 is None:
+            p = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], r * r)
+            if self.kernel:
+                q = q.reshape(r * r, -1, *self.kernel)
+            return q, None, p
+        p = (w1a[:, None, :] * w2a[None, :, :]).reshape(r * r, w1a.shape[1]).t()
+        core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(
+            r * r, r * r, *(self.kernel or t1.shape[2:])
+        )
+        return q, core, p
+
+    def backward(self, sources, grad_down, grad_core, grad_up):
+        w1a, w1b, w2a, w2b, *cores = sources
+        r = w1b.shape[0]
+        grad_q = grad_down.reshape(r, r, w1b.shape[1])
+        grad_w1b, grad_w2b = (grad_q * w2b[None]).sum(1), (grad_q * w1b[:, None]).sum(0)
+        if not cores:
+            grad_p = grad_up.reshape(w1a.shape[0], r, r)
+            grad_w1a, grad_w2a = (grad_p * w2a[:, None, :]).sum(2), (grad_p * w1a[:, :, None]).sum(1)
+            return grad_w1a, grad_w1b, grad_w2a, grad_w2b
+        grad_p = grad_up.t().reshape(r, r, w1a.shape[1])
+        grad_w1a, grad_w2a = (grad_p * w2a[None]).sum(1), (grad_p * w1a[:, None]).sum(0)
+        t1, t2 = cores
+        kernel = t1.shape[2:]
+        k = t1[0, 0].numel()
+        # grad_core[(a, c), (b, d), k]: t1[a, b, k] meets t2[c, d, k]
+        grad_t = grad_core.reshape(r, r, r, r, k)
+        t1f, t2f = t1.reshape(r, r, k), t2.reshape(r, r, k)
+        grad_t1 = (grad_t * t2f[None, :, None, :, :]).sum((1, 3)).reshape(r, r, *kernel)
+        grad_t2 = (grad_t * t1f[:, None, :, None, :]).sum((0, 2)).reshape(r, r, *kernel)
+        return grad_w1a, grad_w1b, grad_w2a, grad_w2b, grad_t1, grad_t2
